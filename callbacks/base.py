@@ -1,0 +1,250 @@
+"""The contract every gradlab diagnostic is written against -- and yours can be too.
+
+A diagnostic is a Keras callback (:class:`Diagnostic`) with a schedule (``every``) and up to
+two channels:
+
+* **tap** (in the step, gradlab models only): override :meth:`Diagnostic.make_tap` to return a
+  :class:`gradlab.train_step.Tap` of pure tensor functions; the compiled train step runs it on
+  the real gradients and keeps window accumulators. :meth:`Diagnostic.write_tap` receives what
+  :meth:`GradlabModel.read_tap` returns when the schedule is due.
+* **probe** (outside the step, any Keras model): override :meth:`Diagnostic.probe`, a pure
+  tensor function of ``(model, x, y)`` returning ``{name: tensor}``. The base class compiles it
+  once with ``tf.function`` and runs it on a fixed probe batch at step 0 and whenever the
+  schedule is due; :meth:`Diagnostic.write_probe` receives numpy values.
+
+Scheduling, the probe batch, the summary writer and tag sanitising live here, so a diagnostic
+is mostly math. State is reset in ``on_train_begin`` (one instance can be reused across
+``fit`` calls); the writer is created lazily and released in ``on_train_end``.
+
+Steps: the step of a value is ``optimizer.iterations`` -- for a tap, the iteration whose
+gradient it is (step 0 = gradient at the initial weights); for a probe, the number of updates
+applied to the weights it describes (step 0 = initial weights).
+
+Example (a complete plug-in)::
+
+    import tensorflow as tf
+    from gradlab.callbacks import Diagnostic, register
+    from gradlab.train_step import Tap
+
+    @register("grad_sparsity")
+    class GradSparsity(Diagnostic):
+        '''Fraction of exactly-zero gradient entries, over the whole model.'''
+
+        def make_tap(self, model):
+            def every_step(inp):
+                zeros = tf.add_n([tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) for g in inp.grads])
+                total = sum(int(g.shape.num_elements()) for g in inp.grads)
+                return {"zero_fraction": zeros / total}
+            return Tap(every_step=every_step, every=self.every)
+
+        def write_tap(self, step, values):
+            w = values["window"]["zero_fraction"]
+            self.scalar("sparsity/zero_fraction", w["last"], step)
+            self.scalar("sparsity/zero_fraction_max", w["max"], step)
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradlab import summaries
+from gradlab.train_step import GradlabModel, Tap
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(type_name: str):
+    """Class decorator: make a diagnostic selectable from YAML as ``{type: type_name}``."""
+    def deco(cls):
+        cls.type_name = type_name
+        _REGISTRY[type_name] = cls
+        return cls
+    return deco
+
+
+def registered() -> dict[str, type]:
+    """The diagnostics registered so far, by YAML type name."""
+    return dict(_REGISTRY)
+
+
+class Observations:
+    """What diagnostics saw, shared per model: ``series[tag] -> [(step, value), ...]``.
+
+    Health and reports read it; diagnostics add to it with :meth:`Diagnostic.publish`. ``meta``
+    holds facts such as each layer's activation (``meta["activation"][layer]``).
+    """
+
+    def __init__(self):
+        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.meta: dict[str, dict] = defaultdict(dict)
+        self.events: list[dict] = []
+
+    def add(self, tag: str, step: int, value: float) -> None:
+        self.series[tag].append((int(step), float(value)))
+
+    def clear(self) -> None:
+        self.series.clear()
+        self.meta.clear()
+        self.events.clear()
+
+
+_OBSERVATIONS: "weakref.WeakKeyDictionary[Any, Observations]" = weakref.WeakKeyDictionary()
+
+
+def observations_for(model) -> Observations:
+    """The shared :class:`Observations` of ``model`` (created on first use)."""
+    obs = _OBSERVATIONS.get(model)
+    if obs is None:
+        obs = _OBSERVATIONS[model] = Observations()
+    return obs
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` ({value!r}) must be a positive integer")
+    return value
+
+
+class Diagnostic(keras.callbacks.Callback):
+    """Base class of gradlab diagnostics (see the module docstring).
+
+    Args:
+        log_dir: where to write TensorBoard events. ``None`` computes and publishes without
+            writing (useful in tests and for :class:`Health`).
+        every: write every ``every`` steps (a positive integer); step 0 is always included.
+        probe_data: ``(x, y)`` arrays for probe diagnostics. Defaults to the probe batch a
+            gradlab experiment provides (``model.gradlab_probe_batch``).
+        probe_size: at most this many rows of ``probe_data`` are used.
+    """
+
+    type_name: ClassVar[str] = ""
+    uses_tap: ClassVar[bool] = False
+    uses_probe: ClassVar[bool] = False
+
+    def __init__(self, *, log_dir: str | None = None, every: int = 10, probe_data=None, probe_size: int = 256):
+        super().__init__()
+        self.log_dir = log_dir
+        self.every = _positive_int("every", every)
+        self.probe_size = _positive_int("probe_size", probe_size)
+        if probe_data is not None and (not isinstance(probe_data, (tuple, list)) or len(probe_data) != 2):
+            raise ValueError("`probe_data` must be a pair (x, y)")
+        self.probe_data = probe_data
+        self._writer = None
+        self._tap_key: str | None = None
+        self._probe_fn = None
+        self._probe_batch = None
+        self._last_step = 0
+
+    # ---- to override ------------------------------------------------------------------------
+    def make_tap(self, model) -> Tap | None:
+        """Return the in-step :class:`Tap`, or ``None`` to have no in-step channel."""
+        return None
+
+    def write_tap(self, step: int, values: dict) -> None:
+        """Write what the tap accumulated; ``values`` is :meth:`GradlabModel.read_tap`'s result."""
+
+    def probe(self, model, x, y) -> dict:
+        """Pure tensor function on the probe batch; return ``{name: tensor}``."""
+        return {}
+
+    def write_probe(self, step: int, values: dict) -> None:
+        """Write the probe results (numpy values) computed at ``step``."""
+
+    def wants_probe(self, model) -> bool:
+        """Whether the probe channel runs for this model (default: when :attr:`uses_probe`)."""
+        return self.uses_probe
+
+    # ---- helpers for subclasses ---------------------------------------------------------------
+    @property
+    def writer(self):
+        if self._writer is None and self.log_dir is not None:
+            self._writer = summaries.acquire_writer(self.log_dir)
+        return self._writer
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Write one scalar (if there is a log_dir) and publish it to the model's observations."""
+        observations_for(self.model).add(tag, step, value)
+        if self.writer is not None:
+            with self.writer.as_default():
+                tf.summary.scalar(tag, float(value), step=int(step))
+
+    def histogram(self, tag: str, values, step: int, buckets: int = 30) -> None:
+        if self.writer is not None:
+            with self.writer.as_default():
+                tf.summary.histogram(tag, np.asarray(values, dtype=np.float32).ravel(), step=int(step),
+                                     buckets=buckets)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        if self.writer is not None:
+            with self.writer.as_default():
+                tf.summary.text(tag, markdown, step=int(step))
+
+    def publish_meta(self, key: str, name: str, value: Any) -> None:
+        observations_for(self.model).meta[key][name] = value
+
+    @property
+    def observations(self) -> Observations:
+        return observations_for(self.model)
+
+    def current_step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def probe_batch(self):
+        """The fixed ``(x, y)`` probe batch (explicit ``probe_data`` first, then the model's)."""
+        data = self.probe_data if self.probe_data is not None else getattr(self.model, "gradlab_probe_batch", None)
+        if data is None:
+            raise ValueError(f"{type(self).__name__} needs a probe batch: pass probe_data=(x, y) "
+                             "(for example a slice of your training data)")
+        x, y = data
+        return (tf.convert_to_tensor(np.asarray(x)[: self.probe_size]),
+                tf.convert_to_tensor(np.asarray(y)[: self.probe_size]))
+
+    # ---- Keras hooks: schedule and dispatch ---------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._last_step = self.current_step()
+        model = self.model
+        self._tap_key = None
+        tap = self.make_tap(model) if isinstance(model, GradlabModel) and self.uses_tap else None
+        if tap is not None:
+            self._tap_key = f"{type(self).__name__}@{id(self)}"
+            model.register_tap(self._tap_key, tap)
+            model.make_train_function(force=True)
+        if self.wants_probe(model):
+            self._probe_batch = self.probe_batch()
+            self._probe_fn = tf.function(lambda x, y: self.probe(self.model, x, y), reduce_retracing=True)
+            if self._last_step % self.every == 0:
+                self._run_probe(self._last_step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.current_step()
+        prev, self._last_step = self._last_step, now
+        if now <= prev:
+            return
+        every = self.every
+        if self._tap_key is not None:
+            last_due = ((now - 1) // every) * every
+            if last_due >= prev:  # a due step in [prev, now)
+                values = self.model.read_tap(self._tap_key)
+                step = values["due_step"] if values["due_step"] >= 0 else last_due
+                self.write_tap(step, values)
+        if self._probe_fn is not None and (now // every) * every > prev:  # a due step in (prev, now]
+            self._run_probe(now)
+
+    def _run_probe(self, step: int) -> None:
+        x, y = self._probe_batch
+        out = self._probe_fn(x, y)
+        self.write_probe(step, {k: np.asarray(v) for k, v in out.items()})
+
+    def on_train_end(self, logs=None):
+        if self._tap_key is not None and isinstance(self.model, GradlabModel):
+            self.model.remove_tap(self._tap_key)
+            self._tap_key = None
+        if self._writer is not None:
+            summaries.release_writer(self.log_dir)
+            self._writer = None

@@ -1,0 +1,185 @@
+"""gradient_stats: per-layer, per-variable gradient statistics.
+
+Tags (``<layer>/<variable>`` as in Keras, e.g. ``hidden_1/kernel``):
+
+* ``gradients/<layer>/<variable>/{norm,mean,std,max_abs,zero_fraction,update_ratio}`` at the
+  due steps (``step % every == 0``);
+* ``gradients/<layer>/layer_norm`` (the layer's variables together), ``gradients/global_norm``,
+  ``gradients/logits/norm`` (``||dL/dlogits||_F`` over the batch) at the due steps;
+* window statistics since the previous write, from every step: ``gradients/global_norm/window_max``,
+  ``gradients/global_norm/window_mean``, ``gradients/<layer>/layer_norm/window_max``,
+  ``gradients/logits/norm/window_max`` -- a spike between two writes lands here;
+* histograms ``gradients/<layer>/<variable>`` every ``histogram_every`` steps (0 = never).
+
+Math, for a gradient ``g`` with ``n`` entries: ``norm = sqrt(sum g^2)``, ``mean = sum g / n``,
+``std = sqrt(mean (g - mean)^2)`` (population), ``max_abs = max |g|``,
+``zero_fraction = #{g == 0} / n``. ``update_ratio = ||w_after - w_before|| / ||w_before||`` from
+the update the optimizer actually applied; when ``||w_before|| == 0`` (a zero-initialised
+variable) the denominator is ``||w_after||``, and 0/0 is reported as 0. An empty variable
+(``n == 0``) reports zeros.
+
+In a gradlab run (:class:`gradlab.train_step.GradlabModel`) everything comes from the real
+step's gradients inside the compiled step: only the squared norms are computed on every step
+(shared with other taps), the rest only on due steps. Any other Keras model gets the same
+tags from a fixed probe batch (gradients at the current weights; no window tags; the update
+ratio compares the weights before and after the due step's ``fit`` execution).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from gradlab import summaries
+from gradlab.callbacks.base import Diagnostic, register
+from gradlab.train_step import Tap
+
+STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
+
+
+def variable_stats(g: tf.Tensor) -> dict[str, tf.Tensor]:
+    """``norm, mean, std, max_abs, zero_fraction`` of one gradient (see the module docstring)."""
+    g = tf.cast(tf.reshape(g, [-1]), tf.float32)
+    n = tf.cast(tf.maximum(tf.size(g), 1), tf.float32)
+    mean = tf.reduce_sum(g) / n
+    return {
+        "norm": tf.norm(g),
+        "mean": mean,
+        "std": tf.sqrt(tf.reduce_sum(tf.square(g - mean)) / n),
+        "max_abs": tf.reduce_max(tf.concat([tf.abs(g), [0.0]], 0)),
+        "zero_fraction": tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) / n,
+    }
+
+
+def update_ratio(delta: tf.Tensor, before: tf.Tensor) -> tf.Tensor:
+    """``||delta|| / ||before||`` with the zero-weight convention of the module docstring."""
+    d = tf.norm(tf.cast(delta, tf.float32))
+    b = tf.norm(tf.cast(before, tf.float32))
+    a = tf.norm(tf.cast(before, tf.float32) + tf.cast(delta, tf.float32))
+    denom = tf.where(b > 0, b, a)
+    return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _names(variables) -> list[tuple[str, str]]:
+    return [summaries.variable_path(v) for v in variables]
+
+
+@register("gradient_stats")
+class GradientStats(Diagnostic):
+    """Per-layer gradient statistics to TensorBoard (module docstring has the tags and math).
+
+    Args:
+        log_dir: TensorBoard directory.
+        every: write every ``every`` steps.
+        histogram_every: write gradient histograms every this many steps (a multiple of
+            ``every`` is honoured exactly; 0 disables them).
+        probe_data, probe_size: the probe batch for non-gradlab models.
+    """
+
+    uses_tap = True
+
+    def __init__(self, *, log_dir: str | None = None, every: int = 10, histogram_every: int = 100,
+                 probe_data=None, probe_size: int = 256):
+        super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
+        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
+            raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
+        self.histogram_every = histogram_every
+        self._before = None
+
+    # ---- channel selection
+    def wants_probe(self, model) -> bool:
+        from gradlab.train_step import GradlabModel
+
+        return not isinstance(model, GradlabModel)
+
+    # ---- in-step tap
+    def make_tap(self, model):
+        names = _names(model.trainable_variables)
+        layers = sorted({layer for layer, _ in names})
+        hist = self.histogram_every > 0
+
+        def every_step(inp):
+            sq = inp.squared_norms
+            out = {"global_norm": tf.sqrt(tf.add_n(sq)), "logits/norm": tf.norm(inp.logits_grad)}
+            for layer in layers:
+                out[f"{layer}/layer_norm"] = tf.sqrt(tf.add_n([s for s, (ly, _) in zip(sq, names) if ly == layer]))
+            return out
+
+        def on_due(inp):
+            out = {"@logits/norm": tf.norm(inp.logits_grad)}
+            for (layer, var), g, v, delta in zip(names, inp.grads, inp.variables, inp.updates or [None] * len(names)):
+                for stat, value in variable_stats(g).items():
+                    out[f"{layer}/{var}/{stat}"] = value
+                if delta is not None:
+                    out[f"{layer}/{var}/update_ratio"] = update_ratio(delta, tf.cast(v, tf.float32) - delta)
+                if hist:
+                    out[f"{layer}/{var}/@values"] = g
+            return out
+
+        return Tap(every_step=every_step, on_due=on_due, every=self.every, needs_updates=True)
+
+    def write_tap(self, step, values):
+        if values["due"]:
+            self._write_stats(values["due_step"], values["due"])
+        for name, w in values["window"].items():  # every step since the previous write
+            self.scalar(f"gradients/{name}/window_max", w["max"], step)
+            if name == "global_norm":
+                self.scalar("gradients/global_norm/window_mean", w["mean"], step)
+
+    def _write_stats(self, step: int, due: dict) -> None:
+        """Write one due step's statistics.
+
+        ``due`` maps ``layer/var/stat`` to a value, ``layer/var/@values`` to the raw gradient
+        (histograms) and ``@logits/norm`` to the logits-gradient norm.
+        """
+        hist_due = self.histogram_every > 0 and step % self.histogram_every == 0
+        layer_sq: dict[str, float] = {}
+        for key, value in due.items():
+            if key == "@logits/norm":
+                self.scalar("gradients/logits/norm", float(value), step)
+                continue
+            layer, var, stat = key.rsplit("/", 2)
+            if stat == "@values":
+                if hist_due:
+                    self.histogram(summaries.tag("gradients", layer, var), value, step)
+                continue
+            self.scalar(summaries.tag("gradients", layer, var, stat), float(value), step)
+            if stat == "norm":
+                layer_sq[layer] = layer_sq.get(layer, 0.0) + float(value) ** 2
+        for layer, sq in layer_sq.items():
+            self.scalar(summaries.tag("gradients", layer, "layer_norm"), float(np.sqrt(sq)), step)
+        self.scalar("gradients/global_norm", float(np.sqrt(sum(layer_sq.values()))), step)
+
+    # ---- probe channel (any Keras model)
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._probe_fn is None:
+            return
+        now = self.current_step()
+        spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if ((now + spe) // self.every) * self.every > now:
+            self._before = [np.array(v.numpy(), dtype=np.float32) for v in self.model.trainable_variables]
+
+    def probe(self, model, x, y):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=False)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, list(variables) + [y_pred])
+        out = {"@logits/norm": tf.norm(tf.cast(grads[-1], tf.float32))}
+        for (layer, var), g, v in zip(_names(variables), grads[:-1], variables):
+            g = tf.zeros_like(v) if g is None else g
+            for stat, value in variable_stats(g).items():
+                out[f"{layer}/{var}/{stat}"] = value
+            if self.histogram_every:
+                out[f"{layer}/{var}/@values"] = g
+        return out
+
+    def write_probe(self, step, values):
+        due = dict(values)
+        if self._before is not None:
+            for (layer, var), v, b in zip(_names(self.model.trainable_variables), self.model.trainable_variables,
+                                          self._before):
+                delta = np.asarray(v.numpy(), np.float32) - b
+                due[f"{layer}/{var}/update_ratio"] = float(update_ratio(delta, b))
+            self._before = None
+        self._write_stats(step, due)

@@ -1,0 +1,44 @@
+"""step_metrics: the training loss per step, exact, from the step itself.
+
+Tags, every ``every`` steps: ``step/loss`` (mean of the per-step losses since the previous
+write), ``step/loss_max`` and ``step/loss_last``; plus ``step/<metric>`` for each Keras metric
+in the logs (Keras reports the running mean over the epoch so far, e.g. ``step/accuracy``).
+
+For a :class:`gradlab.train_step.GradlabModel` the loss comes from a tap, so every step counts
+even with ``steps_per_execution > 1``. For other models the Keras logs are written.
+"""
+
+from __future__ import annotations
+
+from gradlab.callbacks.base import Diagnostic, register
+from gradlab.train_step import Tap
+
+
+@register("step_metrics")
+class StepMetrics(Diagnostic):
+    """Per-step loss and metrics (see the module docstring)."""
+
+    uses_tap = True
+
+    def make_tap(self, model):
+        return Tap(every_step=lambda inp: {"loss": inp.loss}, every=self.every)
+
+    def write_tap(self, step, values):
+        w = values["window"].get("loss")
+        if w:
+            self.scalar("step/loss", w["mean"], step)
+            self.scalar("step/loss_max", w["max"], step)
+            self.scalar("step/loss_last", w["last"], step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        prev = self._last_step
+        super().on_train_batch_end(batch, logs)
+        now = self._last_step
+        if now > prev and ((now - 1) // self.every) * self.every >= prev:
+            for name, value in (logs or {}).items():
+                if name == "loss" and self._tap_key is not None:
+                    continue
+                try:
+                    self.scalar(f"step/{name}", float(value), now - 1)
+                except (TypeError, ValueError):
+                    continue

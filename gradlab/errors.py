@@ -1,0 +1,52 @@
+"""Errors gradlab reports to users as one line each, never as a traceback."""
+
+from __future__ import annotations
+
+
+class GradlabError(Exception):
+    """An error the user can fix; the CLI prints ``str(err)`` and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class ConfigError(GradlabError):
+    """One or more problems in an experiment config.
+
+    Each problem is one line, ``FILE:LINE: key.path: what is wrong (what is allowed)``.
+    ``problems`` keeps them as ``(file, line, path, message)`` tuples for tests and tools.
+    """
+
+    exit_code = 2
+
+    def __init__(self, problems: list[tuple[str, int | None, str, str]]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.format_one(*p) for p in self.problems))
+
+    @staticmethod
+    def format_one(file: str, line: int | None, path: str, message: str) -> str:
+        where = f"{file}:{line}" if line else file
+        return f"{where}: {path}: {message}" if path else f"{where}: {message}"
+
+
+class DataError(GradlabError):
+    """Bad data: a label out of range, NaN/Inf features, a shape mismatch, an unreadable file."""
+
+    exit_code = 2
+
+
+class DeviceError(GradlabError):
+    """The requested device is not available (for example ``train.device: gpu`` without a GPU)."""
+
+    exit_code = 2
+
+
+class RunDirError(GradlabError):
+    """The run directory cannot be created, would overwrite a run, or cannot be written."""
+
+    exit_code = 2
+
+
+class NonFiniteError(GradlabError):
+    """Training stopped because a loss or gradient became NaN/Inf (``nonfinite`` action ``stop``)."""
+
+    exit_code = 3

@@ -1,0 +1,175 @@
+"""Plug-ins by name: diagnostics (``diagnostics:``) and arbitrary Keras callbacks (``callbacks:``).
+
+A diagnostic ``type`` is looked up, in order, among:
+
+1. gradlab's own diagnostics and any class decorated with ``@gradlab.callbacks.register(name)``;
+2. installed packages' entry points in the group ``gradlab.diagnostics``;
+3. an import path ``package.module:ClassName`` naming a :class:`gradlab.callbacks.Diagnostic`.
+
+Options are the class's keyword arguments; they are checked against its signature and by
+constructing it (constructors validate and raise ``ValueError`` naming the argument), so a bad
+option is reported with its YAML line before any training starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from importlib import metadata
+from typing import Any
+
+from gradlab.config import CallbackSpec, DiagnosticSpec, Experiment
+
+DEFAULT_DIAGNOSTICS: tuple[dict, ...] = (
+    {"type": "gradient_stats", "every": 10},
+    {"type": "activation_saturation", "every": 50},
+    {"type": "nonfinite"},
+    {"type": "health"},
+)
+INJECTED = ("log_dir",)
+
+
+def default_specs() -> tuple[DiagnosticSpec, ...]:
+    """The diagnostics a run gets when its config has no ``diagnostics`` key."""
+    return tuple(DiagnosticSpec(type=d["type"], options={k: v for k, v in d.items() if k != "type"})
+                 for d in DEFAULT_DIAGNOSTICS)
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module:Name``; raises ``ImportError``/``AttributeError`` with a clear message."""
+    module_name, _, attr = path.partition(":")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def available_diagnostics() -> dict[str, Any]:
+    """``{type name: class or entry point}`` of every diagnostic selectable by name."""
+    import gradlab.callbacks as cb
+
+    found: dict[str, Any] = dict(cb.registered())
+    try:
+        for ep in metadata.entry_points(group="gradlab.diagnostics"):
+            found.setdefault(ep.name, ep)
+    except Exception:  # pragma: no cover - broken metadata of some other package
+        pass
+    return found
+
+
+def resolve_diagnostic(type_name: str):
+    """The diagnostic class for ``type_name``; ``LookupError`` lists the available names."""
+    from gradlab.callbacks import Diagnostic
+
+    if ":" in type_name:
+        try:
+            cls = import_object(type_name)
+        except (ImportError, AttributeError) as err:
+            raise LookupError(f"cannot import {type_name!r} ({err})") from None
+    else:
+        table = available_diagnostics()
+        if type_name not in table:
+            close = difflib.get_close_matches(type_name, list(table), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise LookupError(f"{type_name!r} is not one of {', '.join(sorted(table))}{hint}; "
+                              "or give an import path 'package.module:ClassName'")
+        cls = table[type_name]
+        if isinstance(cls, metadata.EntryPoint):
+            cls = cls.load()
+    if not (inspect.isclass(cls) and issubclass(cls, Diagnostic)):
+        raise LookupError(f"{type_name!r} is not a gradlab.callbacks.Diagnostic subclass")
+    return cls
+
+
+def _arg_problem(err: Exception) -> tuple[str | None, str]:
+    """Map a constructor error to ``(argument name, message)``."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    m = re.search(r"`(\w+)`", text)
+    return (m.group(1) if m else None), text
+
+
+def _accepted(cls) -> tuple[set[str], bool]:
+    params = inspect.signature(cls.__init__).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names = {n for n, p in params.items() if n != "self" and p.kind in
+             (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return names, var_kw
+
+
+def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None) -> list[tuple]:
+    """Problems with the diagnostics and callbacks of ``exp``, as ``(file, line, path, message)``."""
+    lines = lines or {}
+    problems: list[tuple] = []
+    file = exp.source
+
+    def add(path: tuple, line: int | None, message: str):
+        dotted = ".".join(str(p) for p in path)
+        problems.append((file, lines.get(path, line), dotted, message))
+
+    for i, spec in enumerate(exp.diagnostics or ()):
+        try:
+            cls = resolve_diagnostic(spec.type)
+        except LookupError as err:
+            add(("diagnostics", i, "type"), spec.line, str(err))
+            continue
+        try:
+            instantiate_diagnostic(cls, spec, log_dir=None)
+        except _OptionError as err:
+            add(("diagnostics", i) + ((err.key,) if err.key else ()), spec.line, err.message)
+    for i, spec in enumerate(exp.callbacks):
+        try:
+            instantiate_callback(spec)
+        except _OptionError as err:
+            add(("callbacks", i) + ((err.key,) if err.key else ()), spec.line, err.message)
+    return problems
+
+
+class _OptionError(Exception):
+    def __init__(self, key: str | None, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+def instantiate_diagnostic(cls, spec: DiagnosticSpec, **injected):
+    """Construct ``cls`` with ``spec.options`` plus ``injected`` arguments (``log_dir``)."""
+    names, var_kw = _accepted(cls)
+    for key in spec.options:
+        if key in INJECTED:
+            raise _OptionError(key, f"set by gradlab (the run directory); remove it")
+        if key not in names and not var_kw:
+            allowed = sorted(names - set(INJECTED) - {"probe_data"})
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise _OptionError(key, f"unknown option for {spec.type} (allowed: {', '.join(allowed)}){hint}")
+    try:
+        return cls(**dict(spec.options), **injected)
+    except (ValueError, TypeError) as err:
+        key, message = _arg_problem(err)
+        raise _OptionError(key if key in spec.options else None, message) from None
+
+
+def instantiate_callback(spec: CallbackSpec):
+    """Import and construct a user callback from ``callbacks:``; it must be a Keras callback."""
+    import keras
+
+    try:
+        cls = import_object(spec.cls)
+    except (ImportError, AttributeError) as err:
+        raise _OptionError("class", f"cannot import {spec.cls!r} ({type(err).__name__}: {err})") from None
+    if not (inspect.isclass(cls) and issubclass(cls, keras.callbacks.Callback)):
+        raise _OptionError("class", f"{spec.cls!r} is not a keras.callbacks.Callback subclass")
+    try:
+        return cls(**dict(spec.args))
+    except (ValueError, TypeError) as err:
+        raise _OptionError("args", f"{spec.cls}({', '.join(spec.args)}): {str(err).splitlines()[0]}") from None
+
+
+def build_callbacks(exp: Experiment, log_dir: str) -> tuple[list, list]:
+    """``(diagnostics, user callbacks)`` for a run writing TensorBoard events to ``log_dir``."""
+    specs = exp.diagnostics if exp.diagnostics is not None else default_specs()
+    diagnostics = [instantiate_diagnostic(resolve_diagnostic(s.type), s, log_dir=log_dir) for s in specs]
+    callbacks = [instantiate_callback(s) for s in exp.callbacks]
+    return diagnostics, callbacks
