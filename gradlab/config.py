@@ -175,7 +175,14 @@ class Experiment:
         """The resolved config as plain YAML-able data (what ``config.yaml`` in a run holds)."""
         out: dict[str, Any] = {"name": self.name, "seed": self.seed}
         for section in ("data", "model", "train"):
-            out[section] = dataclasses.asdict(getattr(self, section))
+            obj = getattr(self, section)
+            values = {}
+            for f in dataclasses.fields(obj):
+                only = f.metadata.get("only_for")
+                if only and getattr(obj, only[0]) not in only[1]:
+                    continue  # does not apply to this choice (and would be rejected on reload)
+                values[f.name] = getattr(obj, f.name)
+            out[section] = values
         out["diagnostics"] = (None if self.diagnostics is None else
                               [{"type": d.type, **dict(d.options)} for d in self.diagnostics])
         out["callbacks"] = [{"class": c.cls, "args": dict(c.args)} for c in self.callbacks]
@@ -251,6 +258,8 @@ class _Checker:
 
     def add(self, path: tuple, message: str) -> None:
         dotted = ".".join(str(p) for p in path)
+        if any(p[2] == dotted for p in self.problems):
+            return  # one problem per key: the first is the cause, later checks would repeat it
         for n in range(len(path), 0, -1):  # an override of this key or of a parent wins
             if path[:n] in self.overrides:
                 self.problems.append((OVERRIDE_SOURCE, None, dotted, f"{message} [from {self.overrides[path[:n]]}]"))

@@ -28,20 +28,27 @@ KERAS_REDUCTION = {"mean": "sum_over_batch_size", "sum": "sum"}
 
 def _one_hot(y, logits):
     y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-    return tf.one_hot(y, depth=tf.shape(logits)[-1], dtype=tf.float32)
+    return tf.one_hot(y, depth=tf.shape(logits)[-1], dtype=logits.dtype)
+
+
+def _loss_dtype(logits):
+    """Half-precision logits are computed in float32; float32 and float64 (``gradlab check``) are kept."""
+    logits = tf.convert_to_tensor(logits)
+    return tf.cast(logits, tf.float32) if logits.dtype in (tf.float16, tf.bfloat16) else logits
 
 
 def mse_on_softmax(y, logits):
     """Per-sample ``mean_k (onehot(y)_k - softmax(logits)_k)^2`` (the seed's MSE loss)."""
-    logits = tf.cast(logits, tf.float32)
+    logits = _loss_dtype(logits)
     prob = tf.nn.softmax(logits, axis=-1)
     return tf.reduce_mean(tf.square(_one_hot(y, logits) - prob), axis=-1)
 
 
 def cross_entropy_from_logits(y, logits):
     """Per-sample ``-log softmax(logits)_y``, computed from the logits (stable)."""
-    logits = tf.cast(logits, tf.float32)
-    return tf.nn.softmax_cross_entropy_with_logits(labels=_one_hot(y, logits), logits=logits)
+    logits = _loss_dtype(logits)
+    labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
 PER_SAMPLE = {"mse": mse_on_softmax, "cross_entropy": cross_entropy_from_logits}

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Throughput of gradlab's custom GradientTape step and the cost of its diagnostics.
+
+Everything runs in one process, on the same data and model, alternating variants over several
+rounds, and reports samples/s (best of the rounds) and ratios against the baseline of the same
+block. The machine is noisy; ratios from one process are the figure of merit, not absolute speed.
+
+Model: MLP 784-512-512-10 (relu), cross-entropy from logits, SGD(0.01); data: 60,000 synthetic
+samples (``--samples``), one epoch per timing.
+
+Blocks:
+
+1. step: Keras's built-in ``train_step`` (plain ``keras.Model``) vs gradlab's ``GradlabModel``
+   at batch 256, ``steps_per_execution=1`` (target ratio >= 1.00).
+2. batch 32: Keras's default settings vs gradlab with ``steps_per_execution`` 1 and 16.
+3. overhead: gradlab without diagnostics vs the default diagnostics set, and vs gradient_stats
+   every step (targets <= 1.03x and <= 1.10x slowdown).
+
+Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from gradlab import plugins  # noqa: E402
+from gradlab.callbacks import GradientStats  # noqa: E402
+from gradlab.losses import make_loss  # noqa: E402
+from gradlab.train_step import GradlabModel  # noqa: E402
+
+
+def make_data(samples: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, 784)).astype(np.float32)
+    y = rng.integers(0, 10, size=samples).astype(np.int32)
+    return x, y
+
+
+def make_model(kind: str, seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((784,), name="features")
+    h = keras.layers.Dense(512, activation="relu", name="hidden_1")(inputs)
+    h = keras.layers.Dense(512, activation="relu", name="hidden_2")(h)
+    logits = keras.layers.Dense(10, name="logits")(h)
+    if kind == "keras":
+        model = keras.Model(inputs, logits)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    else:
+        model = GradlabModel(inputs=inputs, outputs=logits)
+        loss = make_loss("cross_entropy", "mean")
+    return model, loss
+
+
+class Variant:
+    """One configuration to time: model kind, batch size, steps_per_execution, callbacks factory."""
+
+    def __init__(self, label, kind="gradlab", batch=256, spe=1, callbacks=None):
+        self.label, self.kind, self.batch, self.spe = label, kind, batch, spe
+        self.callbacks = callbacks or (lambda model, x, y: [])
+        self.times: list[float] = []
+
+    def setup(self, x, y):
+        self.model, loss = make_model(self.kind)
+        self.model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss,
+                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                           steps_per_execution=self.spe, jit_compile=False)
+        if self.kind == "gradlab":
+            self.model.gradlab_probe_batch = (x[:256], y[:256])
+        self.ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(self.batch).prefetch(tf.data.AUTOTUNE)
+        self.cbs = self.callbacks(self.model, x, y)
+        # warm-up: trace and run a few steps (with the callbacks, so taps are traced too)
+        self.model.fit(self.ds.take(max(4, 2 * self.spe)), epochs=1, verbose=0, callbacks=self.cbs)
+
+    def time_epoch(self, samples):
+        start = time.perf_counter()
+        self.model.fit(self.ds, epochs=1, verbose=0, callbacks=self.cbs)
+        elapsed = time.perf_counter() - start
+        self.times.append(samples / elapsed)
+
+    @property
+    def best(self) -> float:
+        return max(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def default_diagnostics(model, x, y):
+    specs = plugins.default_specs()
+    return [plugins.instantiate_diagnostic(plugins.resolve_diagnostic(s.type), s, log_dir=None) for s in specs]
+
+
+def gradient_stats_every_step(model, x, y):
+    return [GradientStats(log_dir=None, every=1, histogram_every=0)]
+
+
+BLOCKS = {
+    "step": lambda: [Variant("keras built-in step, batch 256", kind="keras"),
+                     Variant("gradlab GradientTape step, batch 256")],
+    "batch32": lambda: [Variant("keras defaults, batch 32", kind="keras", batch=32),
+                        Variant("gradlab, batch 32, steps_per_execution=1", batch=32),
+                        Variant("gradlab, batch 32, steps_per_execution=16", batch=32, spe=16)],
+    "overhead": lambda: [Variant("gradlab, no diagnostics"),
+                         Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
+                         Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step)],
+}
+
+
+def run_block(name, variants, x, y, rounds):
+    for v in variants:
+        v.setup(x, y)
+    for r in range(rounds):
+        order = variants if r % 2 == 0 else list(reversed(variants))
+        for v in order:
+            v.time_epoch(len(x))
+    base = variants[0]
+    print(f"\n[{name}] {len(x)} samples, best of {rounds} epochs (median in brackets)")
+    print(f"  {'variant':<46} {'samples/s':>12} {'vs first':>9} {'slowdown':>9}")
+    for v in variants:
+        ratio = v.best / base.best
+        print(f"  {v.label:<46} {v.best:>12,.0f} {ratio:>8.3f}x {1 / ratio:>8.3f}x   [{v.median:,.0f}]")
+    return {v.label: v.best for v in variants}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="6,000 samples and 2 rounds (a smoke run, noisy)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--samples", type=int, default=60_000)
+    p.add_argument("--block", default="step,batch32,overhead", help="comma-separated: " + ",".join(BLOCKS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.rounds = 6_000, 2
+    unknown = [b for b in args.block.split(",") if b not in BLOCKS]
+    if unknown:
+        print(f"--block: {unknown[0]!r} is not one of {', '.join(BLOCKS)}", file=sys.stderr)
+        return 2
+    x, y = make_data(args.samples)
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
+          f"{[d.device_type for d in tf.config.list_logical_devices()]}, intra-op threads: "
+          f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}")
+    for name in args.block.split(","):
+        run_block(name, BLOCKS[name](), x, y, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Config validation: every malformed config is one line naming FILE:LINE and the key path, exit 2, no run dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import gradlab_cli
+from gradlab.config import ConfigError, Experiment, from_dict, json_schema, load_config, parse_override
+
+# (yaml text, expected key path in the message, expected line or None, extra text expected)
+MALFORMED = [
+    ("trian:\n  epochs: 3\n", "trian", 1, "did you mean train"),
+    ("train:\n  learnig_rate: 0.1\n", "train.learnig_rate", 2, "did you mean learning_rate"),
+    ("train:\n  epochs: ten\n", "train.epochs", 2, "expected an integer"),
+    ("train:\n  learning_rate: -1\n", "train.learning_rate", 2, "must be > 0"),
+    ("train:\n  loss: xent\n", "train.loss", 2, "cross_entropy, mse"),
+    ("train:\n  loss: cross_entropi\n", "train.loss", 2, "did you mean cross_entropy"),
+    ("data:\n  name: mnist\n", "data.name", 2, "synthetic"),
+    ("data:\n  name: iris\n  batch_size: 0\n", "data.batch_size", 3, ">= 1"),
+    ("data:\n  validation_split: 1.5\n", "data.validation_split", 2, "<= 0.9"),
+    ("data:\n  shuffle: maybe\n", "data.shuffle", 2, "true or false"),
+    ("model:\n  kind: mlp\n", "model.hidden", None, "required when model.kind is mlp"),
+    ("model:\n  kind: softmax_linear\n  hidden: [8]\n", "model.hidden", 3, "only used when model.kind is mlp"),
+    ("model:\n  kind: mlp\n  hidden: [8, 0]\n", "model.hidden", 3, ">= 1"),
+    ("model:\n  kind: mlp\n  hidden: [8]\n  activation: swish\n", "model.activation", 4, "leaky_relu"),
+    ("model:\n  kernel_initializer:\n    name: random_normal\n    stdev: 2\n", "model.kernel_initializer.stdev", 4,
+     "did you mean stddev"),
+    ("model:\n  bias_initializer: zeroes\n", "model.bias_initializer", 2, "did you mean zeros"),
+    ("data:\n  name: csv\n", "data.path", None, "required when data.name is csv"),
+    ("data:\n  name: iris\n  samples: 10\n", "data.samples", 3, "only used when data.name is synthetic"),
+    ("train:\n  device: tpu\n", "train.device", 2, "auto, cpu, gpu"),
+    ("train:\n  precision: float16\n", "train.precision", 2, "mixed_float16"),
+    ("train:\n  steps_per_execution: 0\n", "train.steps_per_execution", 2, ">= 1"),
+    ("train:\n  optimizer: adam\n  momentum: 0.5\n", "train.momentum", 3, "only used when train.optimizer is momentum"),
+    ("seed: -1\n", "seed", 1, "integer"),
+    ("name: a b\n", "name", 1, "directory name"),
+    ("train:\n  epochs: 2\n  epochs: 3\n", "train.epochs", 3, "duplicate key"),
+    ("data: [1, 2]\n", "data", 1, "expected a mapping"),
+    ("diagnostics:\n  - type: gradient_stats\n    every: 0\n", "diagnostics.0.every", 3, "positive integer"),
+    ("diagnostics:\n  - type: gradient_stat\n", "diagnostics.0.type", 2, "did you mean gradient_stats"),
+    ("diagnostics:\n  - type: gradient_stats\n    evry: 5\n", "diagnostics.0.evry", 3, "did you mean every"),
+    ("callbacks:\n  - class: no_such_module_xyz:Thing\n", "callbacks.0.class", 2, "cannot import"),
+]
+
+
+@pytest.mark.parametrize("text,path,line,extra", MALFORMED, ids=[m[1] + f"#{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_config_via_cli(tmp_path, text, path, line, extra):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    proc = gradlab_cli("run", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    matching = [ln for ln in lines if f": {path}: " in ln]
+    assert matching, proc.stderr
+    message = matching[0]
+    prefix = f"{cfg}:{line}: " if line else f"{cfg}"
+    assert message.startswith(prefix), message
+    assert extra in message, message
+    assert not (tmp_path / "runs").exists(), "a run directory was left behind"
+    assert len(lines) == 1, f"expected exactly one error line, got: {lines}"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  epochs: [1, 2\n  loss: mse\n")
+    proc = gradlab_cli("validate", str(cfg))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"{cfg}:") and "YAML syntax error" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unsafe_yaml_tags_are_rejected(tmp_path):
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "YAML" in str(err.value)
+
+
+def test_override_errors_name_the_command_line(tmp_path):
+    proc = gradlab_cli("run", "configs/default.yaml", "train.epochs=abc", cwd=None)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("command line: train.epochs: expected an integer"), proc.stderr
+    proc = gradlab_cli("validate", "configs/default.yaml", "train.learnig_rate=0.1")
+    assert proc.returncode == 2 and "did you mean learning_rate" in proc.stderr
+    proc = gradlab_cli("validate", "configs/default.yaml", "nonsense")
+    assert proc.returncode == 2 and "key.path=value" in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    proc = gradlab_cli("run", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_several_problems_are_all_reported(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  epochs: 0\n  loss: nope\ndata:\n  batch_size: -3\n")
+    proc = gradlab_cli("validate", str(cfg))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 3
+    assert {ln.split(": ")[1] for ln in lines} == {"train.epochs", "train.loss", "data.batch_size"}
+
+
+def test_overrides_are_typed_by_the_schema():
+    exp = load_config("configs/default.yaml", ["train.learning_rate=1e-3", "model.kind=mlp", "model.hidden=16,8",
+                                               "data.shuffle=false", "train.epochs=3", "name=other"])
+    assert exp.train.learning_rate == pytest.approx(1e-3)
+    assert exp.model.hidden == [16, 8] and exp.data.shuffle is False and exp.train.epochs == 3
+    assert exp.name == "other"
+    assert parse_override("model.hidden=[4, 5]") == (("model", "hidden"), [4, 5])
+
+
+def test_yaml_scientific_notation_is_a_number():
+    exp = from_dict({"train": {"learning_rate": "1e-3"}})
+    assert exp.train.learning_rate == pytest.approx(1e-3)
+
+
+def test_defaults_are_the_seed_classifier():
+    exp = from_dict({})
+    assert isinstance(exp, Experiment)
+    assert exp.model.kind == "softmax_linear" and exp.train.loss == "cross_entropy"
+    assert exp.train.reduction == "mean" and exp.diagnostics is None and exp.callbacks == ()
+    assert from_dict({"diagnostics": []}).diagnostics == ()
+
+
+def test_experiment_is_frozen():
+    exp = from_dict({})
+    with pytest.raises(Exception):
+        exp.train.epochs = 3  # type: ignore[misc]
+
+
+def test_resolved_config_round_trips():
+    exp = load_config("configs/default.yaml")
+    again = from_dict(exp.to_dict())
+    assert again.to_dict() == exp.to_dict()
+
+
+def test_schema_command_prints_json_schema_covering_every_key():
+    proc = gradlab_cli("schema")
+    assert proc.returncode == 0
+    schema = json.loads(proc.stdout)
+    assert schema == json.loads(json.dumps(json_schema(), default=str))
+    props = schema["properties"]
+    assert set(props["train"]["properties"]) >= {"loss", "reduction", "optimizer", "learning_rate", "epochs", "device",
+                                                 "jit_compile", "steps_per_execution", "precision"}
+    assert set(props["data"]["properties"]) >= {"name", "batch_size", "shuffle", "validation_split"}
+    assert set(props["model"]["properties"]) >= {"kind", "hidden", "activation", "kernel_initializer",
+                                                 "bias_initializer"}
+    assert props["train"]["properties"]["loss"]["enum"] == ["cross_entropy", "mse"]
+    assert props["train"]["additionalProperties"] is False
+
+
+def test_validate_ok():
+    proc = gradlab_cli("validate", "configs/default.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
