@@ -188,7 +188,7 @@ def check_arrays(x: np.ndarray, y: np.ndarray, classes: int | None, source: str,
     bad = ~np.isfinite(yf) | (yf != np.round(yf))
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(f"{where(i)}: label {y[i]!r} is not an integer class index")
+        raise DataError(f"{where(i)}: label {y[i].item()!r} is not an integer class index")
     yi = yf.astype(np.int64)
     n_classes = classes if classes is not None else int(yi.max()) + 1
     out = (yi < 0) | (yi >= n_classes)
