@@ -126,6 +126,9 @@ class Diagnostic(keras.callbacks.Callback):
     type_name: ClassVar[str] = ""
     uses_tap: ClassVar[bool] = False
     uses_probe: ClassVar[bool] = False
+    #: Convert :meth:`probe` with AutoGraph. Set False when it has no tensor-dependent Python
+    #: control flow: converting a long probe costs seconds of start-up per run.
+    probe_autograph: ClassVar[bool] = True
 
     def __init__(self, *, log_dir: str | None = None, every: int = 10, probe_data=None, probe_size: int = 256):
         super().__init__()
@@ -217,7 +220,8 @@ class Diagnostic(keras.callbacks.Callback):
             model.make_train_function(force=True)
         if self.wants_probe(model):
             self._probe_batch = self.probe_batch()
-            self._probe_fn = tf.function(lambda x, y: self.probe(self.model, x, y), reduce_retracing=True)
+            self._probe_fn = tf.function(lambda x, y: self.probe(self.model, x, y), reduce_retracing=True,
+                                         autograph=self.probe_autograph)
             if self._last_step % self.every == 0:
                 self._run_probe(self._last_step)
 
@@ -243,6 +247,11 @@ class Diagnostic(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self._tap_key is not None and isinstance(self.model, GradlabModel):
+            # Flush the last, partial window (the steps after the last due step), labelled with
+            # the last step it holds, so that no step goes unseen at the end of training either.
+            values = self.model.read_tap(self._tap_key)
+            if values["count"] > 0:
+                self.write_tap(values["due_step"] if values["due_step"] >= 0 else max(self._last_step - 1, 0), values)
             self.model.remove_tap(self._tap_key)
             self._tap_key = None
         if self._writer is not None:

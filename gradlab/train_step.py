@@ -89,6 +89,7 @@ class _TapState:
         self.count = tf.Variable(0, dtype=tf.int64, **agg)
         self.due = {name: tf.Variable(tf.zeros(shape), **agg) for name, shape in due_specs.items()}
         self.due_step = tf.Variable(-1, dtype=tf.int64, **agg)
+        self._read_fns: dict[bool, Callable] = {}
 
     def reset_window(self) -> None:
         self.sum.assign(tf.zeros_like(self.sum))
@@ -96,6 +97,22 @@ class _TapState:
         self.min.assign(tf.fill(tf.shape(self.min), np.inf))
         self.count.assign(0)
         self.due_step.assign(-1)
+
+    def read_fn(self, reset: bool):
+        """A compiled function returning every accumulator (and resetting the window if ``reset``)."""
+        fn = self._read_fns.get(reset)
+        if fn is None:
+            def read():
+                values = (tf.identity(self.last), tf.identity(self.sum), tf.identity(self.max),
+                          tf.identity(self.min), tf.identity(self.count), tf.identity(self.due_step),
+                          {name: tf.identity(var) for name, var in self.due.items()})
+                if reset:
+                    with tf.control_dependencies(tf.nest.flatten(values)):
+                        self.reset_window()
+                return values
+
+            fn = self._read_fns[reset] = tf.function(read, autograph=False)
+        return fn
 
 
 class GradlabModel(keras.Model):
@@ -154,21 +171,35 @@ class GradlabModel(keras.Model):
 
         Returns ``{"count": steps in window, "window": {name: {last, mean, max, min}},
         "due_step": step of the due outputs or -1, "due": {name: array}}``.
+
+        The read (and reset) is one compiled call: reading the variables one by one in eager
+        mode costs several times more per write.
         """
         state = self._gradlab_taps[key]
-        count = int(state.count.numpy())
-        last, total = state.last.numpy(), state.sum.numpy()
-        vmax, vmin = state.max.numpy(), state.min.numpy()
+        fn = state.read_fn(reset)
+        last, total, vmax, vmin, count, due_step, due_values = fn()
+        count, due_step = int(count.numpy()), int(due_step.numpy())
+        last, total, vmax, vmin = last.numpy(), total.numpy(), vmax.numpy(), vmin.numpy()
         window = {}
         if count:
             for i, name in enumerate(state.window_names):
                 window[name] = {"last": float(last[i]), "mean": float(total[i] / count),
                                 "max": float(vmax[i]), "min": float(vmin[i])}
-        due_step = int(state.due_step.numpy())
-        due = {name: var.numpy() for name, var in state.due.items()} if due_step >= 0 else {}
-        if reset:
-            state.reset_window()
+        due = {name: value.numpy() for name, value in due_values.items()} if due_step >= 0 else {}
         return {"count": count, "window": window, "due_step": due_step, "due": due}
+
+    def peek_tap(self, key: str, name: str, stat: str = "max") -> float:
+        """One window statistic (``last``, ``max`` or ``min``) of ``every_step`` output ``name``, without reset.
+
+        A cheap check (one variable read) for callbacks that must look after every execution
+        but only rarely need the full :meth:`read_tap`. For an empty window ``max`` is -inf,
+        ``min`` +inf and ``last`` the previous window's last value.
+        """
+        state = self._gradlab_taps[key]
+        if stat not in ("last", "max", "min"):
+            raise ValueError(f"`stat` ({stat!r}) must be one of last, max, min")
+        index = state.window_names.index(name)
+        return float(getattr(state, stat).value().numpy()[index])
 
     def _run_taps(self, inputs: TapInputs) -> None:
         for state in self._gradlab_taps.values():
@@ -196,6 +227,8 @@ class GradlabModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.trainable_variables
         optimizer = self.optimizer
+        if not optimizer.built:  # so the loss scale is a variable the taps can read (first trace only)
+            optimizer.build(variables)
         step = tf.cast(optimizer.iterations, tf.int64)
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
@@ -205,9 +238,13 @@ class GradlabModel(keras.Model):
         grads, logits_grad = grads_and_logits[:-1], grads_and_logits[-1]
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        # Keras divides the loss by the number of replicas (so summed gradients are global); undo it for logging.
-        unscaled_loss = loss * replicas if replicas > 1 else loss
-        self._loss_tracker.update_state(unscaled_loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        y_metrics = y
+        if replicas > 1:
+            # One all-reduce, here: the taps, the clipping and the update all see the global gradient.
+            grads, unscaled_loss, logits, logits_grad, y_metrics, batch_weight = self._gradlab_global(
+                grads, loss, logits, logits_grad, y)
+        else:
+            unscaled_loss = loss
 
         if self._gradlab_taps or self.skip_nonfinite_steps:
             inputs = self._tap_inputs(step, unscaled_loss, grads, variables, logits, logits_grad, replicas)
@@ -216,9 +253,19 @@ class GradlabModel(keras.Model):
 
         finite = None
         if self.skip_nonfinite_steps:
-            finite = tf.math.is_finite(loss)
-            for sq in inputs.squared_norms:
-                finite = tf.logical_and(finite, tf.math.is_finite(sq))
+            finite = tf.math.is_finite(inputs.loss)  # all-reduced: every replica takes the same branch
+            # With a LossScaleOptimizer, overflowing (scaled) gradients are routine: the optimizer
+            # skips them and lowers its scale, so it must see them. Only the loss decides here.
+            if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                for sq in inputs.squared_norms:
+                    finite = tf.logical_and(finite, tf.math.is_finite(sq))
+
+        batch = tf.shape(tf.nest.flatten(x)[0])[0] if replicas == 1 else batch_weight
+        if finite is None:
+            self._loss_tracker.update_state(unscaled_loss, sample_weight=batch)
+        else:  # a skipped step does not enter the reported (epoch) loss
+            self._loss_tracker.update_state(tf.where(finite, unscaled_loss, tf.zeros_like(unscaled_loss)),
+                                            sample_weight=tf.where(finite, batch, tf.zeros_like(batch)))
 
         before = None
         if inputs is not None and any(s.tap.needs_updates for s in self._gradlab_taps.values()):
@@ -242,7 +289,70 @@ class GradlabModel(keras.Model):
             if before is not None:
                 inputs.updates = [tf.cast(v, tf.float32) - tf.cast(b, tf.float32) for v, b in zip(variables, before)]
             self._run_taps(inputs)
-        return self.compute_metrics(x, y, logits, sample_weight=sample_weight)
+        return self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
+
+    # ---- tf.distribute ------------------------------------------------------------------------
+    def _gradlab_global(self, grads, loss, logits, logits_grad, y):
+        """Under ``replicas > 1`` (in the replica context): the global gradient, loss and batch.
+
+        * gradients: ``all_reduce(SUM)`` of the per-replica gradients of Keras's per-replica loss
+          (which Keras already divides by the replica count for mean reductions) -- exactly the
+          sum Keras's optimizer would form. Keras's own all-reduce in the optimizer is switched
+          off for this model (:func:`_skip_optimizer_all_reduce`), so the gradient is reduced
+          once and ``global_clipnorm`` clips the *global* gradient (Keras clips before its
+          all-reduce, i.e. per replica).
+        * loss: ``all_reduce(SUM)`` of the per-replica loss: the mean over the global batch for
+          ``mean`` (``sum_r mean_r / R``, exact for equal splits), the global sum for ``sum``.
+        * logits, dL/dlogits and labels: gathered from all replicas (the global batch, in order),
+          so taps and metrics see every replica's samples.
+        * batch weight: the global batch size, used to weight the loss tracker identically on
+          every replica.
+        """
+        ctx = tf.distribute.get_replica_context()
+        _skip_optimizer_all_reduce(self.optimizer)
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
+        global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+        logits = ctx.all_gather(logits, axis=0)
+        logits_grad = ctx.all_gather(logits_grad, axis=0)
+        y = ctx.all_gather(y, axis=0) if y is not None else None
+        return grads, global_loss, logits, logits_grad, y, tf.shape(logits)[0]
+
+    def _gradlab_logs(self, logs):
+        """Keras 3 reduces step outputs under MultiWorkerMirroredStrategy with
+        ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars (keras#20585,
+        tensorflow#72388); give it rank-1 values there. The values are identical on every replica
+        (global loss and metrics), so the mean is the value."""
+        if _is_multi_worker(self.distribute_strategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def test_step(self, data):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas == 1:
+            return super().test_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self(x, training=False)
+        loss = self.compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False)
+        ctx = tf.distribute.get_replica_context()
+        global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+        logits = ctx.all_gather(logits, axis=0)
+        y = ctx.all_gather(y, axis=0)
+        self._loss_tracker.update_state(global_loss, sample_weight=tf.shape(logits)[0])
+        return self._gradlab_logs(self.compute_metrics(x, y, logits, sample_weight=sample_weight))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 builds the model from the first *distributed* batch, reducing it with
+        # strategy.reduce(MEAN), which fails under MultiWorkerMirroredStrategy (keras#20585).
+        # The shapes are all it needs: build from a small local batch instead.
+        if iterator is not None and getattr(self, "_gradlab_capture_iterator", False):
+            # gradlab.resume shortens the first epoch of a run resumed mid-epoch through it.
+            self._gradlab_capture_iterator = False
+            self._gradlab_epoch_iterator = iterator
+        sample = getattr(self, "gradlab_probe_batch", None)
+        if data_batch is None and sample is not None and _is_multi_worker(self._distribute_strategy):
+            x, y = sample
+            return super()._maybe_symbolic_build(data_batch=(x[:2], y[:2]))
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _tap_inputs(self, step, loss, grads, variables, logits, logits_grad, replicas) -> TapInputs:
         """Unscale gradients, and with several replicas all-reduce them, for the taps only."""
@@ -255,10 +365,8 @@ class GradlabModel(keras.Model):
         if inv_scale is not None:
             tap_grads = [g * inv_scale for g in tap_grads]
             logits_grad = logits_grad * inv_scale
-        if replicas > 1:
-            ctx = tf.distribute.get_replica_context()
-            tap_grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tap_grads)
-            loss = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
+        # With replicas > 1 the step passes the global (all-reduced) gradient and loss and the
+        # gathered logits already (GradlabModel._gradlab_global).
         return TapInputs(step=step, loss=tf.cast(loss, tf.float32), grads=tap_grads, variables=list(variables),
                          logits=tf.cast(logits, tf.float32), logits_grad=logits_grad)
 
@@ -267,3 +375,23 @@ class GradlabModel(keras.Model):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             skipped = tf.equal(tf.cast(self.optimizer.iterations, tf.int64), step)
             self.optimizer.iterations.assign_add(tf.cast(skipped, self.optimizer.iterations.dtype))
+
+
+def _is_multi_worker(strategy) -> bool:
+    return strategy is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) \
+        and strategy.extended._in_multi_worker_mode()
+
+
+def _identity_all_reduce(grads_and_vars):
+    return list(grads_and_vars)
+
+
+def _skip_optimizer_all_reduce(optimizer) -> None:
+    """Let ``optimizer`` apply the gradients it is given (already all-reduced by the step).
+
+    Keras's TF optimizer all-reduces (SUM) inside ``apply``, after clipping; gradlab reduces
+    once in the step instead, so the clipping and the taps see the global gradient.
+    """
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is not None and hasattr(opt, "_all_reduce_sum_gradients"):
+            opt._all_reduce_sum_gradients = _identity_all_reduce
