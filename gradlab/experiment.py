@@ -15,6 +15,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from gradlab.config import Experiment, load_config
-from gradlab.errors import DeviceError, GradlabError, NonFiniteError, RunDirError
+from gradlab.errors import DeviceError, GradlabError, NonFiniteError, RunDirError, StorageError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -142,14 +143,21 @@ def configure_device(train) -> str:
     return resolved
 
 
-def set_determinism(seed: int, device: str) -> None:
-    """Seed Python, NumPy and TF; on CPU also make TF's ops deterministic (bit-identical reruns)."""
+def set_determinism(seed: int, device: str, jit_compile: bool = False) -> None:
+    """Seed Python, NumPy and TF; on CPU also make TF's ops deterministic (bit-identical reruns).
+
+    Keras refuses XLA while op determinism is on, so a ``jit_compile`` run keeps the seeds but
+    not op determinism (XLA on CPU is deterministic in practice, but not guaranteed).
+    """
     import keras
     import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
 
     keras.utils.set_random_seed(seed)
-    if device == "cpu":
+    if device == "cpu" and not jit_compile:
         tf.config.experimental.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
 
 
 def make_optimizer(train):
@@ -188,24 +196,40 @@ def build(exp: Experiment, data, device: str):
 
 def _final_metrics(model, data) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    train = model.evaluate(data.x_train, data.y_train, batch_size=1024, verbose=0, return_dict=True)
+    train = model.evaluate(data.eval_train, verbose=0, return_dict=True)
     out["train"] = {k: float(v) for k, v in train.items()}
     out["loss"], out["accuracy"] = out["train"]["loss"], out["train"]["accuracy"]
-    if data.x_val is not None:
-        val = model.evaluate(data.x_val, data.y_val, batch_size=1024, verbose=0, return_dict=True)
+    if data.eval_validation is not None:
+        val = model.evaluate(data.eval_validation, verbose=0, return_dict=True)
         out["validation"] = {k: float(v) for k, v in val.items()}
         out["val_loss"], out["val_accuracy"] = out["validation"]["loss"], out["validation"]["accuracy"]
     return out
 
 
-def run(config: str | os.PathLike | Mapping[str, Any] | Experiment, overrides: list[str] | tuple[str, ...] = (),
-        *, run_dir: str | os.PathLike | None = None, verbose: int | str = "auto", quiet: bool = False) -> RunResult:
-    """Run one experiment and return its run directory and final metrics.
+def _save_weights_atomic(model, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.weights.h5")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def _storage_error(path, err: BaseException, what: str, run_dir) -> StorageError:
+    from gradlab.resume import _reason, resume_command
+
+    return StorageError(f"{path}: cannot write {what} ({_reason(err)}); checkpoints are intact -- free space, then "
+                        f"{resume_command(run_dir)}")
+
+
+def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None,
+        overrides: list[str] | tuple[str, ...] = (), *, run_dir: str | os.PathLike | None = None,
+        resume: str | os.PathLike | None = None, verbose: int | str = "auto", quiet: bool = False) -> RunResult:
+    """Run one experiment (or resume an interrupted one) and return its run directory and final metrics.
 
     Args:
-        config: a YAML path, a mapping, or an :class:`Experiment`.
+        config: a YAML path, a mapping, or an :class:`Experiment` (omit it with ``resume``).
         overrides: ``key.path=value`` strings, typed by the schema.
         run_dir: use this directory (absent or empty) instead of ``log_dir/<name>-<time>``.
+        resume: continue the run in this directory from its last checkpoint, with the
+            configuration saved there (``config.yaml``); see :mod:`gradlab.resume`.
         verbose: Keras ``fit`` verbosity.
         quiet: print nothing (no verdict table, no TensorBoard hint).
 
@@ -213,59 +237,174 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment, overrides: l
         ConfigError, DataError, DeviceError, RunDirError: before any run directory exists.
         NonFiniteError: training hit NaN/Inf with ``nonfinite`` action ``stop``; the run
             directory is complete (weights, ``metrics.json`` with ``"stopped"``).
+        RunInterrupted: Ctrl-C; a checkpoint was saved (also a ``KeyboardInterrupt``).
+        StorageError: the disk filled or a write failed mid-run; the last checkpoint is intact.
+        WorkerLostError: a worker of a multi-worker run died; the last checkpoint is intact.
     """
-    exp = config if isinstance(config, Experiment) else load_config(config, overrides)
+    from gradlab import resume as resume_mod
+
+    if resume is not None:
+        if config is not None or overrides or run_dir is not None:
+            raise RunDirError("--resume takes the run directory only: the run's own config.yaml is used "
+                              "(no config file, overrides or --run-dir)")
+        resume_dir = resume_mod.check_resumable(resume)
+        exp = load_config(resume_dir / CONFIG_FILE)
+    else:
+        if config is None:
+            raise RunDirError("run: give a config (or resume=RUN_DIR)")
+        exp = config if isinstance(config, Experiment) else load_config(config, overrides)
+        resume_dir = None
     import keras
 
-    from gradlab import plugins
+    from gradlab import distribute, plugins
     from gradlab.callbacks import StepMetrics, observations_for
     from gradlab.data import make_data
 
     device = configure_device(exp.train)
+    strategy = distribute.make_strategy(exp.train)  # before any other TF work (MultiWorkerMirroredStrategy)
+    chief = distribute.is_chief(strategy)
     data = make_data(exp.data, exp.seed)
-    path = make_run_dir(exp, run_dir)
-    write_json_config(path, exp)
-    set_determinism(exp.seed, device)
+    work_dir = None  # where a non-chief worker keeps its throw-away checkpoints
+    if resume_dir is not None:
+        path = resume_dir
+    elif chief:
+        path = make_run_dir(exp, run_dir)
+        try:
+            write_json_config(path, exp)
+        except OSError as err:
+            raise RunDirError(f"{path}: cannot write {CONFIG_FILE} ({err.strerror or err})") from None
+    else:
+        path = Path(run_dir) if run_dir is not None else None
+    if not chief:
+        work_dir = Path(tempfile.mkdtemp(prefix="gradlab-worker-"))
+    set_determinism(exp.seed, device, exp.train.jit_compile)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(exp.train.precision)
     status: dict[str, Any] = {"status": "running"}
+    per_epoch = data.batches_per_epoch
+    ckpt_dir = (path / resume_mod.CHECKPOINT_DIR) if chief else (work_dir / resume_mod.CHECKPOINT_DIR)
+
+    def write_state(**fields):
+        if chief:
+            state = {"status": "running", "batches_per_epoch": per_epoch, "epochs": exp.train.epochs,
+                     "steps_total": per_epoch * exp.train.epochs, "resume": resume_mod.resume_command(path)}
+            state.update(resume_mod.read_state(path) if (path / resume_mod.STATE_FILE).exists() else {})
+            state.update(fields)
+            write_json(path / resume_mod.STATE_FILE, state)
+
+    stopped: list = []
     try:
-        model = build(exp, data, device)
-        diagnostics, user_callbacks = plugins.build_callbacks(exp, str(path / "train"))
-        callbacks = [StepMetrics(log_dir=str(path / "train"), every=min(10, max(1, exp.train.steps_per_execution)))]
+        with strategy.scope():
+            model = build(exp, data, device)
+        checkpointer = resume_mod.Checkpointer(model, ckpt_dir, exp.train.keep_checkpoints)
+        restored = restored_path = None
+        if resume_dir is not None:
+            with strategy.scope():
+                x0, y0 = data.probe_batch(2)
+                model._symbolic_build(data_batch=(x0, y0))  # optimizer and metric variables, to restore into
+            restored_path = checkpointer.latest(path / resume_mod.CHECKPOINT_DIR)
+            if restored_path:
+                restored = checkpointer.restore(restored_path)
+            start = restored["step"] if restored else 0
+            if chief:
+                resume_mod.repair_events(path, start, per_epoch)
+        else:
+            start = 0
+            if chief:
+                from gradlab.tb import write_model_layout
+
+                write_model_layout(path, model)  # custom-scalars layout: each layer's charts grouped (gradlab.tb)
+        if chief:
+            write_state(status="running", step=start)
+        log_dir = str(path / "train") if chief else None
+        diagnostics, user_callbacks = plugins.build_callbacks(exp, log_dir)
+        if restored and chief:
+            obs = observations_for(model)  # what Health & co. saw before the interruption
+            from gradlab.events import read_scalars
+
+            for tag, points in read_scalars(path, "train").items():
+                for step, value in points:
+                    obs.add(tag, step, value)
+        callbacks = [StepMetrics(log_dir=log_dir, every=min(10, max(1, exp.train.steps_per_execution)))]
         callbacks += diagnostics
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(path), update_freq="epoch", write_graph=False))
+        if chief:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(path), update_freq="epoch", write_graph=False))
         callbacks += user_callbacks
+        callbacks.append(resume_mod.make_callback(
+            checkpointer=checkpointer, batches_per_epoch=per_epoch, every=exp.train.checkpoint_every,
+            chief=chief, run_dir=path if chief else None, restored=restored, restored_path=restored_path,
+            callbacks=list(callbacks),
+            on_save=(lambda step, ckpt: write_state(step=step, checkpoint=ckpt)) if chief else None))
         if verbose == "auto":
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-        history = model.fit(data.train, validation_data=data.validation, epochs=exp.train.epochs,
-                            callbacks=callbacks, verbose=verbose)
+        model._gradlab_capture_iterator = True
+        try:
+            history = model.fit(data.train_stream(exp.train.epochs, start), validation_data=data.validation,
+                                epochs=exp.train.epochs, initial_epoch=start // per_epoch, steps_per_epoch=per_epoch,
+                                callbacks=callbacks, verbose=verbose, shuffle=False)
+        except Exception as err:
+            distribute.raise_if_worker_lost(err, strategy, path if chief else path or work_dir,
+                                            int(model.optimizer.iterations.numpy()) if chief else None)
+            raise
         metrics = _final_metrics(model, data)
         metrics["steps"] = int(model.optimizer.iterations.numpy())
-        metrics["epochs_completed"] = len(history.history.get("loss", []))
+        metrics["epochs_completed"] = exp.train.epochs if not history.history.get("loss") else \
+            start // per_epoch + len(history.history.get("loss", []))
         metrics["device"] = device
+        metrics["replicas"] = int(strategy.num_replicas_in_sync)
+        if restored:
+            metrics["resumed_from_step"] = restored["step"]
         obs = observations_for(model)
         verdicts = [v for d in diagnostics for v in getattr(d, "verdicts", lambda: [])()]
         metrics["verdicts"] = verdicts
         stopped = [e for e in obs.events if e.get("kind") == "nonfinite_stop"]
         if stopped:
             metrics["stopped"] = stopped[0]
-        model.save_weights(str(path / WEIGHTS_FILE))
         metrics["status"] = "stopped" if stopped else "completed"
-        write_json(path / METRICS_FILE, metrics)
+        metrics["weights_sha256"] = weights_digest(model)
+        if chief:
+            try:
+                _save_weights_atomic(model, path / WEIGHTS_FILE)
+                write_json(path / METRICS_FILE, metrics)
+                write_state(status=metrics["status"], step=metrics["steps"])
+            except OSError as err:
+                raise _storage_error(path, err, "the final weights and metrics", path) from None
+        elif not quiet:
+            print(f"gradlab: worker {distribute.task_index()} finished at step {metrics['steps']}, "
+                  f"final weights sha256 {metrics['weights_sha256']}")
     except BaseException as err:
-        status = {"status": "failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
-                  "error": f"{type(err).__name__}: {err}".splitlines()[0]}
-        if not (path / METRICS_FILE).exists():
-            write_json(path / METRICS_FILE, status)
+        kind = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        status = {"status": kind, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+        if chief and path is not None and path.exists():
+            try:
+                current = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).exists() else {}
+                if current.get("status") not in ("completed", "stopped"):
+                    write_json(path / METRICS_FILE, status)
+                write_state(status=kind, error=status["error"])
+            except (OSError, ValueError):
+                pass  # the disk may be what failed; the checkpoint and config are what resume needs
         raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    if not quiet:
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    if not quiet and chief:
         print_summary(path, metrics)
     if stopped:
         raise NonFiniteError(stopped[0]["message"] + f" (run directory: {path})")
     return RunResult(run_dir=path, metrics=metrics)
+
+
+def weights_digest(model) -> str:
+    """sha256 of the model's weights (float bytes, in order): equal digests = bit-identical weights."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
 
 
 def write_json_config(path: Path, exp: Experiment) -> None:
