@@ -22,3 +22,9 @@ def test_bench_script_runs_and_prints_ratios():
                            "--block", "step"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gradlab GradientTape step, batch 256" in proc.stdout and "x" in proc.stdout
+
+
+def test_readme_config_reference_is_current():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_readme.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
