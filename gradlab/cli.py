@@ -19,10 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", help="train an experiment and log diagnostics to TensorBoard")
-    r.add_argument("config", help="experiment YAML file")
+    r.add_argument("config", nargs="?", help="experiment YAML file (omit with --resume)")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="typed overrides, e.g. train.loss=mse")
     r.add_argument("--run-dir", help="write the run here (must be absent or empty) instead of log_dir/<name>-<time>")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
 
     v = sub.add_parser("validate", help="check a config (and overrides) without training")
     v.add_argument("config")
@@ -35,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     from gradlab.experiment import run
 
-    run(args.config, args.overrides, run_dir=args.run_dir, verbose=0 if args.quiet else "auto")
+    if args.resume is None and args.config is None:
+        from gradlab.errors import RunDirError
+
+        raise RunDirError("gradlab run: give a config file, or --resume RUN_DIR")
+    run(args.config, args.overrides, run_dir=args.run_dir, resume=args.resume, verbose=0 if args.quiet else "auto")
     return 0
 
 

@@ -29,8 +29,8 @@ import yaml
 
 from gradlab.errors import ConfigError
 
-DATASETS = ("synthetic", "iris", "digits", "npz", "csv")
-FILE_DATASETS = ("npz", "csv")
+DATASETS = ("synthetic", "iris", "digits", "npz", "csv", "tfrecord")
+FILE_DATASETS = ("npz", "csv", "tfrecord")
 MODEL_KINDS = ("softmax_linear", "mlp")
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "linear")
 LOSSES = ("cross_entropy", "mse")
@@ -77,6 +77,9 @@ class DataConfig:
                           only_for=("name", FILE_DATASETS))
     batch_size: int = _f(32, "int", "samples per training step", minimum=1)
     shuffle: bool = _f(True, "bool", "reshuffle every epoch; false keeps the file/generation order")
+    shuffle_buffer: int = _f(10000, "int", "streamed files (npz, csv, tfrecord): rows in the shuffle buffer "
+                             "(memory; in-memory datasets shuffle fully)", minimum=1,
+                             only_for=("name", FILE_DATASETS))
     validation_split: float = _f(0.0, "float", "fraction held out (the last rows, before shuffling)",
                                  minimum=0.0, maximum=0.9)
     samples: int = _f(300, "int", "synthetic: number of samples", minimum=2,
@@ -91,8 +94,10 @@ class DataConfig:
     standardize: bool = _f(False, "bool", "scale each feature to zero mean, unit variance (training-split statistics)")
     label_column: int = _f(-1, "int", "csv: index of the label column (negative counts from the end)",
                            only_for=("name", ("csv",)))
-    x_key: str = _f("x", "str", "npz: array name of the features", only_for=("name", ("npz",)))
-    y_key: str = _f("y", "str", "npz: array name of the labels", only_for=("name", ("npz",)))
+    x_key: str = _f("x", "str", "npz: array name of the features; tfrecord: float feature key",
+                    only_for=("name", ("npz", "tfrecord")))
+    y_key: str = _f("y", "str", "npz: array name of the labels; tfrecord: int64 feature key",
+                    only_for=("name", ("npz", "tfrecord")))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,14 @@ Names (``data.name``):
   the rows interleaved (0, 1, 2, 0, 1, 2, ...). Everything is drawn from ``seed``.
 * ``iris`` (150 x 4, 3 classes) and ``digits`` (1797 x 64, 10 classes): bundled package data,
   see ``gradlab/datasets/README.md`` for source and licence.
-* ``npz`` (arrays ``x_key`` and ``y_key``) and ``csv`` (numeric columns, the label in
-  ``label_column``; a first row that is not numeric is taken as a header) from ``data.path``.
+* ``npz`` (arrays ``x_key`` and ``y_key``), ``csv`` (numeric columns, the label in
+  ``label_column``; a first row that is not numeric is taken as a header) and ``tfrecord``
+  (``tf.train.Example`` records with a float feature ``x_key`` of length F and an int64 feature
+  ``y_key``; :func:`write_tfrecord` writes one) from ``data.path``.
+
+File datasets are **streamed** (:func:`make_data`): one streaming pass checks every row and
+counts the rows (memory O(features), not O(rows)), then ``tf.data`` reads the file again for
+every epoch. ``load_arrays`` still loads a file whole, for tools that want arrays.
 
 Checks, each an error that names the file and the first bad row: labels must be integers in
 ``[0, classes)`` (``tf.one_hot`` would silently turn others into all-zero rows), features must be
@@ -17,7 +23,13 @@ finite, and features/labels must have matching lengths.
 
 Split: ``validation_split`` holds out that fraction of *each class* (stratified), picked with a
 permutation drawn from ``seed``; the training rows keep their original order, so
-``shuffle: false`` trains on a fixed, documented order.
+``shuffle: false`` trains on a fixed, documented order. Streamed files cannot be stratified
+without holding every label, so there row ``i`` goes to validation when a seeded hash of ``i``
+falls below the fraction (:func:`row_in_validation`; about that fraction, decided per row).
+
+Data order for training (:meth:`Data.train_stream`) is a pure function of ``(seed, epoch)``:
+epoch ``e`` is shuffled with a seed derived from both, so a run resumed at step ``s`` rebuilds
+exactly the batches an uninterrupted run would have seen from step ``s`` on.
 """
 
 from __future__ import annotations
@@ -49,7 +61,14 @@ class Arrays:
 
 @dataclasses.dataclass
 class Data:
-    """Everything the experiment needs from the data section."""
+    """Everything the experiment needs from the data section.
+
+    ``train`` reshuffles on every iteration (for interactive use); experiments use
+    :meth:`train_stream`, whose order is a pure function of ``(seed, epoch)``. For streamed
+    files (``streamed``), ``x_train``/``y_train`` hold only the first :data:`PROBE_SIZE`
+    training rows and ``x_val``/``y_val`` are ``None``; ``eval_train``/``eval_validation``
+    are unshuffled batched pipelines over all rows in both cases.
+    """
 
     train: object  # tf.data.Dataset of (x, y) batches
     validation: object | None
@@ -60,10 +79,52 @@ class Data:
     features: int
     classes: int
     source: str
+    streamed: bool = False
+    train_rows: int = 0
+    batch_size: int = 32
+    base_train: object = None  # unbatched, unshuffled, standardised training rows (tf.data)
+    shuffle: bool = True
+    shuffle_buffer: int = 0
+    seed: int = 0
+    eval_train: object = None
+    eval_validation: object = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training steps per epoch: ``ceil(train_rows / batch_size)``."""
+        return -(-self.train_rows // self.batch_size)
 
     def probe_batch(self, size: int = PROBE_SIZE) -> tuple[np.ndarray, np.ndarray]:
         """A fixed batch for probe diagnostics: the first ``size`` training rows, in order."""
         return self.x_train[:size], self.y_train[:size]
+
+    def epoch_batches(self, epoch):
+        """The batches of epoch ``epoch`` (a Python int or an int64 tensor), in training order."""
+        import tensorflow as tf
+
+        ds = self.base_train
+        if self.shuffle:
+            seed = tf.cast(self.seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64) + 17
+            ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        return ds.batch(self.batch_size)
+
+    def train_stream(self, epochs: int, start_step: int = 0):
+        """All training batches from global step ``start_step`` to the end of epoch ``epochs - 1``.
+
+        Epoch ``e`` is :meth:`epoch_batches` ``(e)``; the stream starts at epoch
+        ``start_step // batches_per_epoch`` and skips the batches already trained on, so an
+        interrupted run resumed at step ``s`` sees exactly the batches an uninterrupted run
+        sees from step ``s`` on.
+        """
+        import tensorflow as tf
+
+        per_epoch = self.batches_per_epoch
+        first, skip = divmod(start_step, per_epoch)
+        ds = tf.data.Dataset.range(first, epochs).flat_map(self.epoch_batches)
+        if skip:
+            ds = ds.skip(skip)
+        total = max(0, epochs * per_epoch - start_step)
+        return ds.apply(tf.data.experimental.assert_cardinality(total)).prefetch(tf.data.AUTOTUNE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +278,14 @@ def load_arrays(cfg: DataConfig, seed: int = 0) -> Arrays:
             raise DataError(f"{cfg.path}: data file not found (data.path)")
         x, y = load_npz(cfg.path, cfg.x_key, cfg.y_key)
         return check_arrays(x, y, cfg.classes, cfg.path, row_word="row")
+    if cfg.name == "tfrecord":
+        if not Path(cfg.path).is_file():
+            raise DataError(f"{cfg.path}: data file not found (data.path)")
+        parts = list(_tfrecord_chunks(cfg))
+        if not parts:
+            raise DataError(f"{cfg.path}: no samples")
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return check_arrays(x, y, cfg.classes, cfg.path, row_word="record")
     raise DataError(f"data.name: {cfg.name!r} is not a known dataset")
 
 
@@ -243,7 +312,9 @@ def split_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
 
 
 def make_data(cfg: DataConfig, seed: int = 0) -> Data:
-    """Load, check, split, optionally standardise, and build the ``tf.data`` pipelines."""
+    """Load (or stream-check), split, optionally standardise, and build the ``tf.data`` pipelines."""
+    if cfg.name in STREAMED:
+        return _make_streamed(cfg, seed)
     import tensorflow as tf
 
     arrays = load_arrays(cfg, seed)
@@ -269,5 +340,419 @@ def make_data(cfg: DataConfig, seed: int = 0) -> Data:
     validation = None
     if x_val is not None:
         validation = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(cfg.batch_size)
+    base = tf.data.Dataset.from_tensor_slices((x_train, y_train))
     return Data(train=train, validation=validation, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
-                features=int(arrays.x.shape[1]), classes=arrays.classes, source=arrays.source)
+                features=int(arrays.x.shape[1]), classes=arrays.classes, source=arrays.source,
+                streamed=False, train_rows=len(x_train), batch_size=cfg.batch_size, base_train=base,
+                shuffle=cfg.shuffle, shuffle_buffer=len(x_train), seed=seed,
+                eval_train=base.batch(EVAL_BATCH), eval_validation=(
+                    None if x_val is None else tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(EVAL_BATCH)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming file datasets: a checking pass, then tf.data reads the file for every epoch
+
+STREAMED = ("npz", "csv", "tfrecord")
+EVAL_BATCH = 1024
+CHUNK_ROWS = 4096
+_HASH_MOD = 1_000_000
+
+
+def row_in_validation(index, seed: int, fraction: float):
+    """Whether row ``index`` (int array or int64 tensor) of a streamed file is a validation row.
+
+    ``h = (index * 2654435761 + 7919 * seed + 12345) mod 2^32``; the row is held out when
+    ``h mod 10^6 < fraction * 10^6``. Numpy and TensorFlow give the same answer.
+    """
+    cut = int(round(fraction * _HASH_MOD))
+    if isinstance(index, np.ndarray):
+        h = (index.astype(np.int64) * 2654435761 + 7919 * seed + 12345) % (1 << 32)
+        return (h % _HASH_MOD) < cut
+    import tensorflow as tf
+
+    h = tf.math.floormod(tf.cast(index, tf.int64) * 2654435761 + 7919 * seed + 12345, 1 << 32)
+    return tf.math.floormod(h, _HASH_MOD) < cut
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What the checking pass learned: counts, label range, per-feature sums, the first rows."""
+
+    features: int = 0
+    rows: int = 0
+    train_rows: int = 0
+    val_rows: int = 0
+    max_label: int = -1
+    sum: np.ndarray | None = None
+    sumsq: np.ndarray | None = None
+    head_x: list = dataclasses.field(default_factory=list)
+    head_y: list = dataclasses.field(default_factory=list)
+
+
+def _check_chunk(scan: _Scan, x: np.ndarray, y: np.ndarray, first_row: int, cfg: DataConfig, seed: int,
+                 where) -> None:
+    """Check one chunk of rows (``where(i)`` names row ``first_row + i``) and fold it into ``scan``."""
+    if x.ndim != 2:
+        raise DataError(f"{cfg.path}: features must be a 2-D array (samples x features), got shape {x.shape}")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise DataError(f"{where(i)}: feature is NaN or Inf ({x[i][~np.isfinite(x[i])][0]})")
+    yf = y.astype(np.float64)
+    bad = ~np.isfinite(yf) | (yf != np.round(yf))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{where(i)}: label {y[i]!r} is not an integer class index")
+    yi = yf.astype(np.int64)
+    limit = cfg.classes if cfg.classes is not None else np.iinfo(np.int32).max
+    out = (yi < 0) | (yi >= limit)
+    if out.any():
+        i = int(np.argmax(out))
+        raise DataError(f"{where(i)}: label {yi[i]} is outside [0, {limit if cfg.classes is not None else 'inf'}) "
+                        f"({'data.classes' if cfg.classes is not None else 'labels must be >= 0'})")
+    if scan.sum is None:
+        scan.features = x.shape[1]
+        scan.sum = np.zeros(x.shape[1], np.float64)
+        scan.sumsq = np.zeros(x.shape[1], np.float64)
+    idx = np.arange(first_row, first_row + len(x), dtype=np.int64)
+    val = row_in_validation(idx, seed, cfg.validation_split) if cfg.validation_split > 0 else np.zeros(len(x), bool)
+    train = ~val
+    xt = x[train].astype(np.float64)
+    scan.sum += xt.sum(axis=0)
+    scan.sumsq += np.square(xt).sum(axis=0)
+    scan.rows += len(x)
+    scan.train_rows += int(train.sum())
+    scan.val_rows += int(val.sum())
+    if len(yi):
+        scan.max_label = max(scan.max_label, int(yi.max()))
+    need = PROBE_SIZE - len(scan.head_y)
+    if need > 0:
+        scan.head_x.extend(x[train][:need].astype(np.float32))
+        scan.head_y.extend(yi[train][:need].astype(np.int32))
+
+
+# ---- npz: read the .npy members of the zip in chunks ------------------------------------------
+
+class _NpyStream:
+    """Sequential chunked reader of one ``.npy`` member of an ``.npz`` (stored or deflated)."""
+
+    def __init__(self, path: str, key: str):
+        import zipfile
+
+        self.path, self.key = path, key
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as err:
+            raise DataError(f"{path}: cannot read npz file ({err})") from None
+        names = [n[:-4] for n in self.zip.namelist() if n.endswith(".npy")]
+        if key not in names:
+            self.zip.close()
+            raise _MissingArray(names)
+        self.f = self.zip.open(key + ".npy")
+        try:
+            version = np.lib.format.read_magic(self.f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(self.f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(self.f))
+        except ValueError as err:
+            raise DataError(f"{path}: array {key!r} is not a readable .npy array ({err})") from None
+        if dtype.hasobject:
+            raise DataError(f"{path}: array {key!r} holds Python objects (pickles are not read)")
+        self.shape, self.fortran, self.dtype = shape, fortran, dtype
+        self.row_items = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        self.read_rows = 0
+
+    def chunk(self, rows: int) -> np.ndarray:
+        n = min(rows, (self.shape[0] if self.shape else 0) - self.read_rows)
+        if n <= 0:
+            return np.zeros((0,) + tuple(self.shape[1:]), self.dtype)
+        data = self.f.read(n * self.row_items * self.dtype.itemsize)
+        arr = np.frombuffer(data, dtype=self.dtype).reshape((n,) + tuple(self.shape[1:]))
+        self.read_rows += n
+        return arr
+
+    def close(self) -> None:
+        self.f.close()
+        self.zip.close()
+
+
+class _MissingArray(Exception):
+    def __init__(self, names):
+        self.names = names
+
+
+def _npz_open(cfg: DataConfig) -> tuple[_NpyStream, _NpyStream]:
+    streams = []
+    try:
+        for key in (cfg.x_key, cfg.y_key):
+            streams.append(_NpyStream(cfg.path, key))
+    except _MissingArray as err:
+        for st in streams:
+            st.close()
+        raise DataError(f"{cfg.path}: no array named {key!r} (arrays in the file: {', '.join(err.names) or 'none'}; "
+                        f"set data.x_key / data.y_key)") from None
+    xs, ys = streams
+    if xs.fortran or ys.fortran:
+        xs.close(), ys.close()
+        raise DataError(f"{cfg.path}: Fortran-ordered arrays cannot be streamed (save with np.savez of C-ordered arrays)")
+    ysh = ys.shape[:1] if len(ys.shape) == 2 and ys.shape[1] == 1 else ys.shape
+    if len(xs.shape) not in (1, 2):
+        raise DataError(f"{cfg.path}: features must be a 2-D array (samples x features), got shape {xs.shape}")
+    if len(ysh) != 1:
+        raise DataError(f"{cfg.path}: labels must be a 1-D array of class indices, got shape {ys.shape}")
+    if xs.shape[0] != ys.shape[0]:
+        raise DataError(f"{cfg.path}: {xs.shape[0]} feature rows but {ys.shape[0]} labels")
+    if not np.issubdtype(xs.dtype, np.number) or not np.issubdtype(ys.dtype, np.number):
+        raise DataError(f"{cfg.path}: features and labels must be numeric (got {xs.dtype} and {ys.dtype})")
+    return xs, ys
+
+
+def _npz_chunks(cfg: DataConfig):
+    """Yield ``(x float32 [n, F], y [n])`` chunks of an npz file, in order."""
+    xs, ys = _npz_open(cfg)
+    try:
+        while True:
+            x, y = xs.chunk(CHUNK_ROWS), ys.chunk(CHUNK_ROWS)
+            if len(x) == 0:
+                return
+            if x.ndim == 1:
+                x = x[:, None]
+            yield x, y.reshape(len(y))
+    finally:
+        xs.close()
+        ys.close()
+
+
+# ---- csv ----------------------------------------------------------------------------------------
+
+def _csv_layout(path: str, label_column: int) -> tuple[bool, int]:
+    """``(has_header, width)``: a first line that is not all numbers is a header; width from the first row."""
+    header = False
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for lineno, row in enumerate(csv.reader(handle), start=1):
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if lineno == 1 and not all(_is_number(c) for c in row):
+                    header = True
+                    continue
+                width = len(row)
+                if width < 2:
+                    raise DataError(f"{path}:{lineno}: a row needs at least one feature and a label, got {width} column")
+                if not -width <= label_column < width:
+                    raise DataError(f"{path}: data.label_column ({label_column}) is outside the {width} columns")
+                return header, width
+    except OSError as err:
+        raise DataError(f"{path}: cannot open data file ({err.strerror or type(err).__name__})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    raise DataError(f"{path}: no data rows")
+
+
+def _csv_chunks(cfg: DataConfig, lines_out: list):
+    """Yield ``(x, y)`` chunks of a CSV, checking each row; ``lines_out`` gets each chunk's file lines."""
+    path, label_column = cfg.path, cfg.label_column
+    header, width = _csv_layout(path, label_column)
+    col = label_column if label_column >= 0 else width + label_column
+    xs, ys, lines = [], [], []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for lineno, row in enumerate(csv.reader(handle), start=1):
+            if (lineno == 1 and header) or not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != width:
+                raise DataError(f"{path}:{lineno}: expected {width} columns like the first row, got {len(row)}")
+            try:
+                values = [float(c) for c in row]
+            except ValueError:
+                bad = next(c for c in row if not _is_number(c))
+                raise DataError(f"{path}:{lineno}: {bad!r} is not a number") from None
+            ys.append(values.pop(col))
+            xs.append(values)
+            lines.append(lineno)
+            if len(xs) == CHUNK_ROWS:
+                lines_out[:] = lines
+                yield np.asarray(xs), np.asarray(ys)
+                xs, ys, lines = [], [], []
+    if xs:
+        lines_out[:] = lines
+        yield np.asarray(xs), np.asarray(ys)
+
+
+def _csv_dataset(cfg: DataConfig, width: int, header: bool):
+    import tensorflow as tf
+
+    col = cfg.label_column if cfg.label_column >= 0 else width + cfg.label_column
+    lines = tf.data.TextLineDataset(cfg.path)
+    if header:
+        lines = lines.skip(1)
+    lines = lines.filter(lambda t: tf.strings.length(tf.strings.regex_replace(t, r"[\s,]", "")) > 0)
+
+    def parse(line):
+        cols = tf.io.decode_csv(line, record_defaults=[[0.0]] * width)
+        y = tf.cast(cols[col], tf.int32)
+        x = tf.stack([c for i, c in enumerate(cols) if i != col])
+        return tf.cast(x, tf.float32), y
+
+    return lines.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+# ---- TFRecord -----------------------------------------------------------------------------------
+
+def write_tfrecord(path: str, x: np.ndarray, y: np.ndarray, x_key: str = "x", y_key: str = "y") -> None:
+    """Write ``(features, label)`` rows as ``tf.train.Example`` records (the ``tfrecord`` dataset format)."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for xi, yi in zip(np.asarray(x, np.float32), np.asarray(y)):
+            ex = tf.train.Example(features=tf.train.Features(feature={
+                x_key: tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(xi).tolist())),
+                y_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(yi)]))}))
+            writer.write(ex.SerializeToString())
+
+
+def _tfrecord_chunks(cfg: DataConfig):
+    """Yield ``(x, y)`` chunks of a TFRecord file of Examples, checking the record layout."""
+    import tensorflow as tf
+
+    spec = {cfg.x_key: tf.io.VarLenFeature(tf.float32), cfg.y_key: tf.io.VarLenFeature(tf.int64)}
+    ds = tf.data.TFRecordDataset(cfg.path).batch(CHUNK_ROWS)
+    first = 0
+    width = None
+    it = iter(ds)
+    while True:
+        try:
+            raw = next(it)
+        except StopIteration:
+            return
+        except tf.errors.DataLossError:
+            raise DataError(f"{cfg.path}: record {first}: corrupted or truncated TFRecord data") from None
+        except tf.errors.OpError as err:
+            raise DataError(f"{cfg.path}: cannot read TFRecord file ({err.message.splitlines()[0]})") from None
+        try:
+            parsed = tf.io.parse_example(raw, spec)
+        except tf.errors.InvalidArgumentError:
+            for i in range(int(raw.shape[0])):  # find the first record that does not parse
+                try:
+                    tf.io.parse_single_example(raw[i], spec)
+                except tf.errors.InvalidArgumentError as err:
+                    raise DataError(f"{cfg.path}: record {first + i}: not an Example with float feature "
+                                    f"{cfg.x_key!r} and int64 feature {cfg.y_key!r} "
+                                    f"({err.message.splitlines()[0][:120]})") from None
+            raise
+        xsp, ysp = parsed[cfg.x_key], parsed[cfg.y_key]
+        n = int(raw.shape[0])
+        xlen = np.bincount(xsp.indices[:, 0].numpy(), minlength=n)
+        ylen = np.bincount(ysp.indices[:, 0].numpy(), minlength=n)
+        if width is None:
+            width = int(xlen[0])
+            if width == 0:
+                raise DataError(f"{cfg.path}: record 0: feature {cfg.x_key!r} is missing or empty (data.x_key)")
+        bad = np.flatnonzero((xlen != width) | (ylen != 1))
+        if len(bad):
+            i = int(bad[0])
+            what = (f"{cfg.y_key!r} must hold exactly one label, got {ylen[i]}" if ylen[i] != 1 else
+                    f"{cfg.x_key!r} has {xlen[i]} values, expected {width} like record 0")
+            raise DataError(f"{cfg.path}: record {first + i}: {what}")
+        x = tf.sparse.to_dense(xsp).numpy().reshape(n, width)
+        y = tf.sparse.to_dense(ysp).numpy().reshape(n)
+        yield x, y
+        first += n
+
+
+def _tfrecord_dataset(cfg: DataConfig, width: int):
+    import tensorflow as tf
+
+    spec = {cfg.x_key: tf.io.FixedLenFeature([width], tf.float32), cfg.y_key: tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(raw):
+        ex = tf.io.parse_example(raw, spec)
+        return ex[cfg.x_key], tf.cast(ex[cfg.y_key], tf.int32)
+
+    return tf.data.TFRecordDataset(cfg.path).batch(CHUNK_ROWS).map(parse).unbatch()
+
+
+def _make_streamed(cfg: DataConfig, seed: int) -> Data:
+    """Check a file in one streaming pass, then build pipelines that read it with ``tf.data``."""
+    import tensorflow as tf
+
+    path = cfg.path
+    if not Path(path).is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+    scan = _Scan()
+    first = 0
+    if cfg.name == "csv":
+        lines: list = []
+        chunks = _csv_chunks(cfg, lines)
+        where_of = lambda first: (lambda i: f"{path}:{lines[i]}")  # noqa: E731 - file line numbers
+    elif cfg.name == "npz":
+        chunks = _npz_chunks(cfg)
+        where_of = lambda first: (lambda i: f"{path}: row {first + i}")  # noqa: E731
+    else:
+        chunks = _tfrecord_chunks(cfg)
+        where_of = lambda first: (lambda i: f"{path}: record {first + i}")  # noqa: E731
+    for x, y in chunks:
+        if scan.sum is not None and x.shape[1] != scan.features:
+            raise DataError(f"{where_of(first)(0)}: {x.shape[1]} features, expected {scan.features}")
+        _check_chunk(scan, x, y, first, cfg, seed, where_of(first))
+        first += len(x)
+    if scan.rows == 0:
+        raise DataError(f"{path}: no samples")
+    classes = cfg.classes if cfg.classes is not None else scan.max_label + 1
+    if classes < 2:
+        raise DataError(f"{path}: found only {classes} class; a classifier needs at least 2")
+    if cfg.validation_split > 0 and scan.val_rows == 0:
+        raise DataError(f"data.validation_split: {cfg.validation_split} of {scan.rows} samples leaves no "
+                        "validation rows (raise it, or set 0)")
+    if scan.train_rows == 0:
+        raise DataError(f"data.validation_split: {cfg.validation_split} leaves no training rows")
+
+    features = scan.features
+    if cfg.name == "csv":
+        header, width = _csv_layout(path, cfg.label_column)
+        rows = _csv_dataset(cfg, width, header)
+    elif cfg.name == "npz":
+        sig = (tf.TensorSpec([None, features], tf.float32), tf.TensorSpec([None], tf.int32))
+        rows = tf.data.Dataset.from_generator(
+            lambda: ((x.astype(np.float32), y.astype(np.int32)) for x, y in _npz_chunks(cfg)),
+            output_signature=sig).unbatch()
+    else:
+        rows = _tfrecord_dataset(cfg, features)
+    mean = std = None
+    if cfg.standardize:
+        n = max(scan.train_rows, 1)
+        mean = scan.sum / n
+        std = np.sqrt(np.maximum(scan.sumsq / n - mean ** 2, 0.0))
+        std = np.where(std > 0, std, 1.0)
+        m32, s32 = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+        rows = rows.map(lambda x, y: ((x - m32) / s32, y))
+    if cfg.validation_split > 0:
+        frac = cfg.validation_split
+        indexed = rows.enumerate()
+
+        def is_val(i, xy):
+            return row_in_validation(i, seed, frac)
+
+        def is_train(i, xy):
+            return tf.logical_not(row_in_validation(i, seed, frac))
+
+        def drop_index(i, xy):
+            return xy
+
+        train_rows = indexed.filter(is_train).map(drop_index)
+        val_rows = indexed.filter(is_val).map(drop_index)
+    else:
+        train_rows, val_rows = rows, None
+    head_x = np.asarray(scan.head_x, np.float32).reshape(-1, features)
+    head_y = np.asarray(scan.head_y, np.int32)
+    if mean is not None:
+        head_x = ((head_x - mean) / std).astype(np.float32)
+    buffer = max(1, min(cfg.shuffle_buffer, scan.train_rows))
+    train = train_rows
+    if cfg.shuffle:
+        train = train.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    train = train.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+    validation = val_rows.batch(cfg.batch_size) if val_rows is not None else None
+    return Data(train=train, validation=validation, x_train=head_x, y_train=head_y, x_val=None, y_val=None,
+                features=features, classes=classes, source=path, streamed=True, train_rows=scan.train_rows,
+                batch_size=cfg.batch_size, base_train=train_rows, shuffle=cfg.shuffle, shuffle_buffer=buffer,
+                seed=seed, eval_train=train_rows.batch(EVAL_BATCH),
+                eval_validation=None if val_rows is None else val_rows.batch(EVAL_BATCH))

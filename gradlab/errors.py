@@ -50,3 +50,21 @@ class NonFiniteError(GradlabError):
     """Training stopped because a loss or gradient became NaN/Inf (``nonfinite`` action ``stop``)."""
 
     exit_code = 3
+
+
+class StorageError(RunDirError):
+    """Writing to the run directory failed (disk full, permissions, I/O error) during a run."""
+
+    exit_code = 2
+
+
+class WorkerLostError(GradlabError):
+    """Another worker of a multi-worker run died or became unreachable."""
+
+    exit_code = 4
+
+
+class RunInterrupted(GradlabError, KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training: a checkpoint was saved; the message says how to resume."""
+
+    exit_code = 130
