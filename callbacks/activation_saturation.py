@@ -1,0 +1,299 @@
+"""activation_saturation: how much of each layer's activation still passes a gradient.
+
+On a fixed probe batch (``n`` samples) and at the due steps (``step % every == 0``, and step 0),
+every layer with an activation is run once and summarised. Let ``a`` be the layer's output with
+the batch axis first and every other axis flattened into ``u`` *units*, so ``a`` is ``n x u``,
+and ``f'`` the activation's local derivative written in terms of its output
+(:func:`gradlab.activations.derivative_from_output`: ``s(1-s)`` for sigmoid, ``1-t^2`` for tanh,
+the seed notebook's quantities). With ``tau = threshold`` (default 0.1):
+
+* sigmoid, tanh -- ``saturated_fraction = #{(i, j): f'(a_ij) < tau * peak} / (n u)``, where
+  ``peak`` is the derivative's maximum (1/4 for sigmoid, 1 for tanh). With ``tau = 0.1`` a
+  sigmoid unit counts as saturated when ``s < 0.026`` or ``s > 0.974`` (``|x| > 3.6``), a tanh
+  unit when ``|t| > 0.949`` (``|x| > 1.8``).
+* relu -- ``dead_fraction = #{j: a_ij <= 0 for every i} / u`` (units that pass no gradient for
+  any probe sample) and ``inactive_fraction = #{(i, j): a_ij <= 0} / (n u)``.
+* leaky_relu -- ``leaky_fraction = #{(i, j): a_ij <= 0} / (n u)``: the fraction in the leaky
+  region, where the gradient is scaled by alpha (0.2 in gradlab's models).
+* softmax -- the model output when it is linear logits (gradlab's ``logits`` layer, whose
+  softmax lives in the loss; ``output_softmax=True``), or any layer with a softmax activation.
+  With ``p = softmax(z)`` per sample: ``saturated_fraction = #{i: max_k p_ik > 1 - tau} / n`` and
+  ``entropy = (1/n) sum_i -sum_k p_ik log p_ik`` in nats (``0 log 0 = 0``; the maximum is
+  ``log K`` for ``K`` classes).
+* every analysed layer -- ``mean`` and ``std`` of ``a`` over all ``n u`` entries (population std),
+  and ``preactivation_mean``/``preactivation_std`` of the layer's input to its activation where
+  that is computable: for ``Dense`` it is ``x @ kernel + bias`` from the layer's input ``x`` (the
+  probe sub-model outputs ``x``); for standalone activation layers (``Activation``, ``ReLU``,
+  ``LeakyReLU``, ``Softmax``) it is their input; for linear layers it is the output itself. Other
+  layers with a fused activation (for example ``Conv2D``) get no pre-activation statistics.
+  Histograms ``activations/<layer>`` of ``a`` are written every ``histogram_every`` steps.
+
+Edge cases: a layer with no units (``u = 0``) reports 0 for every fraction, mean and std; a
+constant activation (zero variance) has ``std = 0``; a ReLU unit at zero for the whole probe
+batch counts as dead, one that is positive for a single sample does not. The probe batch must
+have at least one sample.
+
+Tags, at each due step: ``activations/<layer>/{mean,std}``, ``.../{preactivation_mean,
+preactivation_std}`` (where computable), ``.../saturated_fraction`` (sigmoid, tanh, softmax),
+``.../dead_fraction`` and ``.../inactive_fraction`` (relu), ``.../leaky_fraction`` (leaky_relu),
+``.../entropy`` (softmax); histograms ``activations/<layer>``.
+
+Which layers: the model's own (top-level) layers that have an ``activation`` attribute (``Dense``,
+convolutions, ...) or are activation layers. Layers without one (``Dropout``, normalisation,
+``Flatten``) are skipped; a nested model counts as one layer without an activation. The kind of
+each analysed layer is published as ``observations_for(model).meta["activation"][layer]``, which
+is how :class:`gradlab.callbacks.Health` knows which layers can saturate and which can die.
+A subclassed model without a functional graph only gets its output analysed (as layer ``output``).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradlab.activations import DERIVATIVE_PEAK, derivative_from_output
+from gradlab.callbacks.base import Diagnostic, register
+from gradlab import summaries
+
+SATURATING = ("sigmoid", "tanh")
+KINDS = ("sigmoid", "tanh", "relu", "leaky_relu", "softmax", "linear", "other")
+_ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.Softmax)
+
+
+# ---- pure statistics (tensors in, scalar tensors out) ------------------------------------------
+
+def _flat(a) -> tf.Tensor:
+    """``a`` as ``n x u`` float32 (batch axis first, the rest flattened into units)."""
+    a = tf.cast(a, tf.float32)
+    return tf.reshape(a, [tf.shape(a)[0], -1])
+
+
+def _fraction(mask) -> tf.Tensor:
+    """Fraction of true entries of ``mask``; 0 for an empty mask."""
+    n = tf.size(mask)
+    return tf.cast(tf.math.count_nonzero(mask), tf.float32) / tf.cast(tf.maximum(n, 1), tf.float32)
+
+
+def moments(a) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(mean, std)`` of all entries of ``a`` (population std); ``(0, 0)`` when ``a`` is empty."""
+    a = tf.reshape(tf.cast(a, tf.float32), [-1])
+    n = tf.cast(tf.maximum(tf.size(a), 1), tf.float32)
+    mean = tf.reduce_sum(a) / n
+    return mean, tf.sqrt(tf.reduce_sum(tf.square(a - mean)) / n)
+
+
+def saturated_fraction(a, kind: str, threshold: float) -> tf.Tensor:
+    """Fraction of entries of the ``kind`` activation output ``a`` with ``f'(a) < threshold * peak``."""
+    a = tf.cast(a, tf.float32)
+    return _fraction(derivative_from_output(kind, a) < threshold * DERIVATIVE_PEAK[kind])
+
+
+def dead_fraction(a) -> tf.Tensor:
+    """Fraction of units (columns of ``n x u``) with ``a <= 0`` for every sample; 0 when ``u = 0``."""
+    return _fraction(tf.reduce_all(_flat(a) <= 0.0, axis=0))
+
+
+def inactive_fraction(a) -> tf.Tensor:
+    """Fraction of entries with ``a <= 0`` (zero gradient for relu, alpha for leaky_relu)."""
+    return _fraction(tf.cast(a, tf.float32) <= 0.0)
+
+
+def softmax_stats(p, threshold: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(saturated_fraction, mean entropy)`` of probabilities ``p`` (``n x K``, rows summing to 1).
+
+    ``saturated_fraction = #{i: max_k p_ik > 1 - threshold} / n``;
+    ``entropy = mean_i -sum_k p_ik log p_ik`` with ``0 log 0 = 0``. Both are 0 when ``n = 0``.
+    """
+    p = _flat(p)
+    n = tf.cast(tf.maximum(tf.shape(p)[0], 1), tf.float32)
+    top = tf.reduce_max(tf.concat([p, tf.zeros([tf.shape(p)[0], 1])], axis=1), axis=1)
+    sat = tf.reduce_sum(tf.cast(top > 1.0 - threshold, tf.float32)) / n
+    entropy = tf.reduce_sum(-tf.math.xlogy(p, p)) / n
+    return sat, entropy
+
+
+def activation_stats(a, kind: str, threshold: float, pre=None, is_logits: bool = False) -> dict[str, tf.Tensor]:
+    """Every statistic of one layer (see the module docstring); ``pre`` is the pre-activation or None.
+
+    ``is_logits``: ``a`` are logits whose softmax is taken in the loss (``kind`` must be ``softmax``).
+    """
+    out = {}
+    out["mean"], out["std"] = moments(a)
+    if pre is not None:
+        out["preactivation_mean"], out["preactivation_std"] = moments(pre)
+    if kind in SATURATING:
+        out["saturated_fraction"] = saturated_fraction(a, kind, threshold)
+    elif kind == "relu":
+        out["dead_fraction"] = dead_fraction(a)
+        out["inactive_fraction"] = inactive_fraction(a)
+    elif kind == "leaky_relu":
+        out["leaky_fraction"] = inactive_fraction(a)
+    elif kind == "softmax":
+        p = tf.nn.softmax(_flat(a), axis=-1) if is_logits else a
+        out["saturated_fraction"], out["entropy"] = softmax_stats(p, threshold)
+    return out
+
+
+# ---- which layers, and what kind -----------------------------------------------------------------
+
+def activation_kind(layer) -> str | None:
+    """The activation kind of ``layer`` (one of :data:`KINDS`), or ``None`` if it has no activation."""
+    if isinstance(layer, keras.layers.ReLU):
+        if getattr(layer, "negative_slope", 0.0):
+            return "leaky_relu"
+        plain = getattr(layer, "max_value", None) is None and not getattr(layer, "threshold", 0.0)
+        return "relu" if plain else "other"
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return "leaky_relu"
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    if isinstance(layer, keras.Model):
+        return None
+    fn = getattr(layer, "activation", None)
+    if fn is None or not callable(fn):
+        return None
+    name = getattr(fn, "__name__", "")
+    return name if name in KINDS else "other"
+
+
+class _Plan:
+    """What to compute for one layer: its kind and how to get the pre-activation."""
+
+    def __init__(self, name: str, layer, kind: str, pre: str | None, is_logits: bool):
+        self.name, self.layer, self.kind, self.pre, self.is_logits = name, layer, kind, pre, is_logits
+
+
+def _plan(model, output_softmax: bool) -> list[_Plan]:
+    outputs = list(getattr(model, "outputs", None) or [])
+    plans = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        kind = activation_kind(layer)
+        if kind is None:
+            continue
+        try:
+            out = layer.output
+        except (AttributeError, ValueError):
+            continue
+        is_output = any(out is o for o in outputs)
+        is_logits = False
+        if is_output and kind == "linear" and output_softmax and int(out.shape[-1] or 0) > 1:
+            kind, is_logits = "softmax", True
+        if isinstance(layer, _ACTIVATION_LAYERS):
+            pre = "input"
+        elif kind == "linear" or is_logits:
+            pre = "output"
+        elif isinstance(layer, keras.layers.Dense):
+            pre = "dense"
+        else:
+            pre = None
+        plans.append(_Plan(layer.name, layer, kind, pre, is_logits))
+    return plans
+
+
+@register("activation_saturation")
+class ActivationSaturation(Diagnostic):
+    """Per-layer activation saturation, dead units and pre-activation statistics on a probe batch.
+
+    See the module docstring for the statistics, tags and edge cases.
+
+    Args:
+        log_dir: TensorBoard directory (``None``: compute and publish only).
+        every: probe every ``every`` steps (and at step 0).
+        threshold: ``tau`` in (0, 1): a sigmoid/tanh unit is saturated when its local derivative
+            is below ``tau`` times the derivative's peak; a softmax output when its largest
+            probability exceeds ``1 - tau``.
+        histogram_every: write activation histograms every this many steps (0: never).
+        output_softmax: treat a linear multi-unit model output as logits of a softmax (gradlab's
+            models; Keras models trained ``from_logits=True``).
+        probe_data, probe_size: the probe batch (default: the one a gradlab run provides).
+    """
+
+    uses_probe = True
+    probe_autograph = False
+
+    def __init__(self, *, log_dir: str | None = None, every: int = 50, threshold: float = 0.1,
+                 histogram_every: int = 100, output_softmax: bool = True, probe_data=None, probe_size: int = 256):
+        super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"`threshold` ({threshold!r}) must be a number in (0, 1)")
+        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
+            raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
+        if not isinstance(output_softmax, bool):
+            raise ValueError(f"`output_softmax` ({output_softmax!r}) must be true or false")
+        self.threshold = float(threshold)
+        self.histogram_every = histogram_every
+        self.output_softmax = output_softmax
+        self._plans: list[_Plan] = []
+        self._submodel = None
+        self._last_histogram: int | None = None
+
+    # ---- set-up
+    def on_train_begin(self, logs=None):
+        self._last_histogram = None
+        self._plans, self._submodel = self._build(self.model)
+        for plan in self._plans:
+            self.publish_meta("activation", plan.name, plan.kind)
+        super().on_train_begin(logs)
+
+    def probe_batch(self):
+        x, y = super().probe_batch()
+        if int(tf.shape(tf.nest.flatten(x)[0])[0]) < 1:
+            raise ValueError("`probe_data` must have at least one sample")
+        return x, y
+
+    def _build(self, model):
+        inputs = getattr(model, "inputs", None)
+        try:
+            plans = _plan(model, self.output_softmax) if inputs else []
+        except (AttributeError, ValueError):
+            plans = []
+        if not plans:  # subclassed model: only its output
+            kind = "softmax" if self.output_softmax else "linear"
+            return [_Plan("output", None, kind, "output", self.output_softmax)], None
+        tensors = []
+        for plan in plans:
+            tensors.append(plan.layer.output)
+            tensors.append(plan.layer.input if plan.pre in ("input", "dense") else plan.layer.output)
+        sub_inputs = inputs[0] if len(inputs) == 1 else inputs
+        return plans, keras.Model(sub_inputs, tensors, name=f"{model.name}_activation_probe")
+
+    # ---- probe
+    def probe(self, model, x, y):
+        if self._submodel is None:
+            values = [model(x, training=False)] * 2
+        else:
+            values = self._submodel(x, training=False)
+        out = {}
+        for i, plan in enumerate(self._plans):
+            a, inp = values[2 * i], values[2 * i + 1]
+            if plan.pre == "dense":
+                kernel = tf.cast(plan.layer.kernel, tf.float32)
+                inp = tf.cast(inp, tf.float32)
+                pre = tf.tensordot(inp, kernel, [[inp.shape.rank - 1], [0]])
+                if plan.layer.use_bias:
+                    pre = pre + tf.cast(plan.layer.bias, tf.float32)
+            elif plan.pre in ("input", "output"):
+                pre = inp
+            else:
+                pre = None
+            for stat, value in activation_stats(a, plan.kind, self.threshold, pre, plan.is_logits).items():
+                out[f"{plan.name}/{stat}"] = value
+            if self.histogram_every:
+                out[f"{plan.name}/@values"] = tf.cast(a, tf.float32)
+        return out
+
+    def write_probe(self, step, values):
+        hist_due = self.histogram_every > 0 and (
+            self._last_histogram is None or step // self.histogram_every > self._last_histogram // self.histogram_every)
+        if hist_due:
+            self._last_histogram = step
+        for key, value in values.items():
+            layer, stat = key.rsplit("/", 1)
+            if stat == "@values":
+                if hist_due:
+                    self.histogram(summaries.tag("activations", layer), value, step)
+                continue
+            self.scalar(summaries.tag("activations", layer, stat), float(np.asarray(value)), step)

@@ -1,0 +1,317 @@
+"""nonfinite: catch NaN/Inf in the loss or any gradient, in the step where it happens.
+
+In a gradlab run (:class:`gradlab.train_step.GradlabModel`) a tap runs on every step, inside the
+compiled step, on the real loss and gradients. For each trainable variable ``v_i`` with gradient
+``g_i`` it uses the squared norm ``s_i = sum g_i^2`` the step computes anyway
+(:attr:`TapInputs.squared_norms`): ``g_i`` is nonfinite when ``s_i`` is NaN or Inf. (A finite
+gradient whose entries exceed ~1.8e19 overflows ``s_i`` and counts as Inf: the update would be
+meaningless anyway.) Per window it keeps, for the loss and every variable, the *first step*
+at which it was nonfinite (the window minimum of ``step if bad else +inf``), so the first bad
+step and the variables affected at that step are exact, also with ``steps_per_execution > 1``
+(exact up to step 2^24 = 16,777,216, float32's integer range).
+
+The report names the step, the layer and the variable. When several gradients are nonfinite
+at that step, the one named is the first in *backprop order* (the layer nearest the output
+first), because a NaN created in a layer spreads from there towards the input::
+
+    nonfinite gradient (NaN) at step 37 in hidden_2/kernel (first in backprop order; 4 of 6 gradients nonfinite), loss 0.53
+
+Actions (``action``):
+
+* ``stop`` (default): the bad step's update is not applied (``model.skip_nonfinite_steps``),
+  training stops at the end of that execution, and a ``nonfinite_stop`` event is recorded; a
+  gradlab run then saves the last finite weights, writes ``metrics.json`` with ``"stopped"``
+  and exits with status 3 and the one-line message.
+* ``skip_step``: steps with a nonfinite loss or gradient apply no update and training goes on;
+  skipped steps still count as steps, and they do not enter the reported loss.
+* ``warn``: report and go on (the update is applied, so the weights may become NaN).
+
+The check runs after every ``every`` steps (default 1: every execution) and costs one read of
+one accumulator when nothing happened. With a ``LossScaleOptimizer`` (mixed_float16) only the
+loss counts: overflowing scaled gradients are routine there and the optimizer skips them itself.
+
+Any other Keras model: the loss in Keras's batch logs (the running mean of the epoch, so it turns
+nonfinite at the first nonfinite step) is checked after every execution, and every
+``probe_every`` steps the gradients on the probe batch are checked too (this catches a
+nonfinite gradient with a finite loss). The variable is named from the probe batch's gradients
+when probe data is available. The step reported is the first step of the execution in which the
+loss went bad (exact with ``steps_per_execution: 1``). ``skip_step`` needs a gradlab model.
+
+Written on detection only: text ``nonfinite/report`` and scalar ``nonfinite/steps`` (the number
+of nonfinite steps seen so far). Every detection is added to ``observations_for(model).events``
+as ``{"kind": "nonfinite", "step", "layer", "variable", "what", "value", "message", ...}``, which
+:class:`gradlab.callbacks.Health` turns into an ``exploding`` verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradlab import summaries
+from gradlab.callbacks.base import Diagnostic, register
+from gradlab.train_step import GradlabModel, Tap
+
+ACTIONS = ("stop", "skip_step", "warn")
+log = logging.getLogger("gradlab.nonfinite")
+
+
+def backprop_order(names: list[tuple[str, str]]) -> list[int]:
+    """Indices of ``names`` (``(layer, variable)`` in model order) with the output's layer first.
+
+    Layers are ordered by their first appearance, reversed; variables keep their order within
+    a layer (``kernel`` before ``bias``).
+    """
+    layers: list[str] = []
+    for layer, _ in names:
+        if layer not in layers:
+            layers.append(layer)
+    rank = {layer: i for i, layer in enumerate(reversed(layers))}
+    return sorted(range(len(names)), key=lambda i: (rank[names[i][0]], i))
+
+
+def first_nonfinite(loss_step: float, var_steps, nan_steps, loss_nan_step: float = math.inf):
+    """Decode a window: the first bad step and what was bad there.
+
+    Args:
+        loss_step: the first step of the window with a nonfinite loss (``inf``: none).
+        var_steps: per variable, the first step with a nonfinite gradient (``inf``: none).
+        nan_steps: per variable, the first step with a NaN gradient (``inf``: none).
+        loss_nan_step: the first step with a NaN loss.
+
+    Returns:
+        ``None`` when nothing was nonfinite, else ``(step, loss_bad, loss_is_nan, bad, nan)``:
+        ``bad`` and ``nan`` are the sets of variable indices nonfinite / NaN at that step.
+    """
+    var_steps = np.asarray(var_steps, dtype=np.float64)
+    nan_steps = np.asarray(nan_steps, dtype=np.float64)
+    candidates = [loss_step] + ([float(var_steps.min())] if var_steps.size else [])
+    first = min(candidates)
+    if not math.isfinite(first):
+        return None
+    bad = {int(i) for i in np.flatnonzero(var_steps == first)}
+    nan = {int(i) for i in np.flatnonzero(nan_steps == first)}
+    return int(first), loss_step == first, loss_nan_step == first, bad, nan
+
+
+def describe(step: int, names: list[tuple[str, str]], loss_bad: bool, loss_is_nan: bool, bad: set, nan: set,
+             loss_value: float | None = None) -> dict:
+    """The event dict for a nonfinite step (see the module docstring for the message)."""
+    order = [i for i in backprop_order(names) if i in bad]
+    first = order[0] if order else None
+    layer, variable = names[first] if first is not None else ("", "")
+    value = "NaN" if (first in nan if first is not None else loss_is_nan) else "Inf"
+    counted = f"{len(bad)} of {len(names)} gradients nonfinite"
+    if loss_bad:
+        what = "loss"
+        loss_kind = "NaN" if loss_is_nan else "Inf"
+        message = f"nonfinite loss ({loss_kind}) at step {step}"
+        if first is not None:
+            message += f"; {counted}, first in backprop order {layer}/{variable}"
+        value = loss_kind
+    else:
+        what = "gradient"
+        message = f"nonfinite gradient ({value}) at step {step} in {layer}/{variable} (first in backprop order; {counted})"
+        if loss_value is not None and math.isfinite(loss_value):
+            message += f", loss {loss_value:.4g}"
+    return {"kind": "nonfinite", "step": int(step), "layer": layer, "variable": variable, "what": what,
+            "value": value, "nonfinite_gradients": len(bad), "gradients": len(names), "message": message}
+
+
+@register("nonfinite")
+class NonFiniteGuard(Diagnostic):
+    """Detect NaN/Inf in the loss or gradients and stop, skip the step, or warn (module docstring).
+
+    Args:
+        log_dir: TensorBoard directory (``None``: don't write).
+        action: ``stop`` | ``skip_step`` | ``warn``.
+        every: check after every this many steps (1: after every execution).
+        probe_every: plain Keras models only: also check the probe batch's gradients every this
+            many steps (0: never; the loss is still checked after every execution).
+        probe_data, probe_size: probe batch for plain Keras models (optional).
+    """
+
+    uses_tap = True
+
+    def __init__(self, *, log_dir: str | None = None, action: str = "stop", every: int = 1,
+                 probe_every: int = 100, probe_data=None, probe_size: int = 256):
+        super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
+        if action not in ACTIONS:
+            raise ValueError(f"`action` ({action!r}) must be one of {', '.join(ACTIONS)}")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 0:
+            raise ValueError(f"`probe_every` ({probe_every!r}) must be a non-negative integer")
+        self.action = action
+        self.probe_every = probe_every
+        self.events: list[dict] = []
+        self.count = 0
+        self._names: list[tuple[str, str]] = []
+        self._previous_skip = None
+        self._grad_probe = None
+        self._epoch_reported = False
+
+    def wants_probe(self, model) -> bool:
+        return False  # the plain-Keras probe runs on its own schedule (below)
+
+    # ---- set-up
+    def on_train_begin(self, logs=None):
+        self.events, self.count = [], 0
+        model = self.model
+        self._names = [summaries.variable_path(v) for v in model.trainable_variables]
+        self._grad_probe = None
+        if isinstance(model, GradlabModel):
+            self._previous_skip = model.skip_nonfinite_steps
+            if self.action in ("stop", "skip_step"):
+                model.skip_nonfinite_steps = True  # before the base class rebuilds the train function
+        elif self.action == "skip_step":
+            raise ValueError("`action` ('skip_step') needs a gradlab model (gradlab.train_step.GradlabModel); "
+                             "with other Keras models use stop or warn")
+        super().on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        model = self.model
+        if self._tap_key is not None and isinstance(model, GradlabModel):
+            self._check_tap(force=True)
+            model.remove_tap(self._tap_key)
+            self._tap_key = None
+        if isinstance(model, GradlabModel) and self._previous_skip is not None:
+            model.skip_nonfinite_steps = self._previous_skip
+            model.train_function = None
+        self._previous_skip = None
+        super().on_train_end(logs)
+
+    # ---- the tap
+    def make_tap(self, model):
+        n = len(model.trainable_variables)
+        scaler = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        inf = tf.constant(np.inf, tf.float32)
+
+        def every_step(inp):
+            step = tf.cast(inp.step, tf.float32)
+            loss_ok = tf.math.is_finite(inp.loss)
+            out = {"loss_step": tf.where(loss_ok, inf, step),
+                   "loss_nan_step": tf.where(tf.math.is_nan(inp.loss), step, inf)}
+            any_bad = tf.logical_not(loss_ok)
+            for i, sq in enumerate(inp.squared_norms[:n]):
+                ok = tf.math.is_finite(sq)
+                out[f"g{i}"] = tf.where(ok, inf, step)
+                out[f"n{i}"] = tf.where(tf.math.is_nan(sq), step, inf)
+                if not scaler:
+                    any_bad = tf.logical_or(any_bad, tf.logical_not(ok))
+            out["bad"] = tf.cast(any_bad, tf.float32)
+            return out
+
+        return Tap(every_step=every_step, every=1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.current_step()
+        prev, self._last_step = self._last_step, now
+        if now <= prev:
+            return
+        due = (now // self.every) * self.every > prev or self.every == 1
+        if self._tap_key is not None:
+            if due:
+                self._check_tap()
+            return
+        self._check_logs(prev, now, logs)
+        if self.probe_every and (now // self.probe_every) * self.probe_every > prev:
+            self._check_probe(now)
+
+    def _check_tap(self, force: bool = False) -> None:
+        model = self.model
+        flagged = model.peek_tap(self._tap_key, "bad", "max")
+        if not flagged > 0:
+            return
+        values = model.read_tap(self._tap_key)
+        window = values["window"]
+        if not window:
+            return
+        n = len(self._names)
+        scaler = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        var_steps = [window[f"g{i}"]["min"] for i in range(n)]
+        found = first_nonfinite(window["loss_step"]["min"], var_steps if not scaler else [],
+                                [window[f"n{i}"]["min"] for i in range(n)], window["loss_nan_step"]["min"])
+        if found is None:
+            return
+        step, loss_bad, loss_nan, bad, nan = found
+        if scaler:  # name the variables anyway, though only the loss decided
+            bad = {i for i in range(n) if var_steps[i] == step}
+        bad_steps = int(round(window["bad"]["mean"] * values["count"]))
+        self._report(describe(step, self._names, loss_bad, loss_nan, bad, nan), bad_steps)
+
+    # ---- plain Keras models
+    def _check_logs(self, prev: int, now: int, logs) -> None:
+        loss = (logs or {}).get("loss")
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            return
+        if math.isfinite(loss) or self._epoch_reported:
+            return
+        event = self._probe_event(prev) or describe(prev, self._names, True, math.isnan(loss), set(), set())
+        self._epoch_reported = True  # the running mean stays nonfinite for the rest of the epoch
+        self._report(event, 1)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_reported = False
+
+    def _check_probe(self, step: int) -> None:
+        event = self._probe_event(step, require_bad=True)
+        if event is not None:
+            self._report(event, 1)
+
+    def _probe_event(self, step: int, require_bad: bool = False) -> dict | None:
+        data = self.probe_data if self.probe_data is not None else getattr(self.model, "gradlab_probe_batch", None)
+        if data is None:
+            return None
+        if self._grad_probe is None:
+            self._probe_xy = Diagnostic.probe_batch(self)
+            self._grad_probe = tf.function(self._grad_check, reduce_retracing=True, autograph=False)
+        loss, sq = self._grad_probe(*self._probe_xy)
+        loss, sq = float(loss), np.asarray(sq, dtype=np.float64)
+        bad = {int(i) for i in np.flatnonzero(~np.isfinite(sq))}
+        loss_bad = not math.isfinite(loss)
+        if require_bad and not bad and not loss_bad:
+            return None
+        nan = {int(i) for i in np.flatnonzero(np.isnan(sq))}
+        event = describe(step, self._names, loss_bad, math.isnan(loss), bad, nan, loss)
+        event["source"] = "probe batch"
+        return event
+
+    def _grad_check(self, x, y):
+        model = self.model
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=False)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        sq = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) if g is not None else tf.constant(0.0)
+              for g in grads]
+        return tf.cast(loss, tf.float32), tf.stack(sq) if sq else tf.zeros([0])
+
+    # ---- reporting
+    def _report(self, event: dict, bad_steps: int) -> None:
+        first = not self.events
+        self.count += max(bad_steps, 1)
+        event = dict(event, action=self.action, count=self.count)
+        self.events.append(event)
+        obs = self.observations
+        obs.events.append(event)
+        step = event["step"]
+        self.scalar("nonfinite/steps", self.count, step)
+        consequence = {"stop": "training stopped", "skip_step": "the update was skipped",
+                       "warn": "training goes on"}[self.action]
+        self.text("nonfinite/report", f"{event['message']} ({consequence})", step)
+        if self.action == "stop":
+            self.model.stop_training = True
+            if first:
+                stop = dict(event, kind="nonfinite_stop", message=f"training stopped: {event['message']}")
+                obs.events.append(stop)
+                if getattr(self.model, "gradlab_probe_batch", None) is None:  # gradlab runs raise NonFiniteError
+                    log.warning("NonFiniteGuard: %s", stop["message"])
+        elif first:
+            log.warning("NonFiniteGuard: %s (%s; further nonfinite steps are counted in nonfinite/steps)",
+                        event["message"], consequence)

@@ -1,0 +1,136 @@
+"""gradient_stats: pure statistics vs numpy, the step-0 gradient vs a closed form, plain Keras models,
+a spike between writes with steps_per_execution > 1, and the exact tag set of a gradlab run."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradlab
+from gradlab.callbacks import GradientStats, observations_for
+from gradlab.callbacks.gradient_stats import update_ratio, variable_stats
+from gradlab.data import load_iris
+from gradlab.events import read_scalars, read_tags
+
+RNG = np.random.default_rng(3)
+
+
+# ---- pure functions vs numpy -------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7, 5), (13,), (2, 3, 4)])
+def test_variable_stats_match_numpy(shape):
+    g = RNG.normal(size=shape).astype(np.float32)
+    g.flat[::4] = 0.0
+    stats = {k: float(v) for k, v in variable_stats(tf.constant(g)).items()}
+    g64 = g.astype(np.float64)
+    assert stats["norm"] == pytest.approx(np.linalg.norm(g64), rel=1e-6)
+    assert stats["mean"] == pytest.approx(g64.mean(), abs=1e-7)
+    assert stats["std"] == pytest.approx(g64.std(), rel=1e-5)
+    assert stats["max_abs"] == pytest.approx(np.abs(g64).max())
+    assert stats["zero_fraction"] == pytest.approx(np.mean(g == 0))
+
+
+def test_variable_stats_of_empty_gradient_are_zero():
+    stats = {k: float(v) for k, v in variable_stats(tf.zeros([0, 3])).items()}
+    assert stats == {"norm": 0.0, "mean": 0.0, "std": 0.0, "max_abs": 0.0, "zero_fraction": 0.0}
+
+
+def test_update_ratio_and_zero_weight_convention():
+    w = RNG.normal(size=(4, 3)).astype(np.float32)
+    d = RNG.normal(size=(4, 3)).astype(np.float32) * 0.01
+    assert float(update_ratio(d, w)) == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w), rel=1e-5)
+    assert float(update_ratio(d, np.zeros_like(w))) == pytest.approx(1.0)  # ||w_before|| = 0: divide by ||w_after||
+    assert float(update_ratio(np.zeros_like(w), np.zeros_like(w))) == 0.0  # 0/0 is reported as 0
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match=r"`every` \(0\) must be a positive integer"):
+        GradientStats(every=0)
+    with pytest.raises(ValueError, match=r"`histogram_every` \(-3\)"):
+        GradientStats(histogram_every=-3)
+
+
+# ---- values against an independent computation ---------------------------------------------------
+
+def test_step0_kernel_gradient_matches_closed_form(tmp_path):
+    """softmax_linear, zero init, one full batch in file order: dL/dW = X^T (softmax(0) - Y) / N."""
+    cfg = {"name": "closed-form", "seed": 0,
+           "data": {"name": "iris", "batch_size": 150, "shuffle": False},
+           "model": {"kind": "softmax_linear", "kernel_initializer": "zeros"},
+           "train": {"loss": "cross_entropy", "epochs": 2, "learning_rate": 0.1},
+           "diagnostics": [{"type": "gradient_stats", "every": 1, "histogram_every": 0}]}
+    result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    s = read_scalars(result.run_dir, "train")
+    iris = load_iris()
+    x, y = iris.x.astype(np.float64), np.eye(3)[iris.y]
+    n = len(x)
+    kernel_grad = x.T @ (1 / 3 - y) / n
+    got = dict(s["gradients/logits/kernel/norm"])[0]
+    assert abs(got - np.linalg.norm(kernel_grad)) / np.linalg.norm(kernel_grad) < 1e-5
+    # d L / d logits = (p - Y) / N at step 0 (mean reduction)
+    assert dict(s["gradients/logits/norm"])[0] == pytest.approx(np.linalg.norm((1 / 3 - y) / n), rel=1e-5)
+    # the optimizer's actual update: W went from 0 to -lr * g, so the zero-weight convention gives 1
+    assert dict(s["gradients/logits/kernel/update_ratio"])[0] == pytest.approx(1.0, rel=1e-6)
+    assert dict(s["gradients/logits/kernel/zero_fraction"])[0] == pytest.approx(np.mean(kernel_grad == 0))
+
+
+def test_plain_keras_model_with_its_own_fit_writes_gradient_tags(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(7, activation="tanh", name="enc")(inputs)
+    out = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = RNG.normal(size=(64, 5)).astype(np.float32)
+    y = RNG.integers(0, 3, 64)
+    probe = (x[:32], y[:32])
+    cb = GradientStats(log_dir=str(tmp_path), every=2, histogram_every=4, probe_data=probe)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+
+    tags = read_tags(tmp_path)
+    expected = {"gradients/global_norm", "gradients/logits/norm"}
+    for layer in ("enc", "head"):
+        expected.add(f"gradients/{layer}/layer_norm")
+        for var in ("kernel", "bias"):
+            expected |= {f"gradients/{layer}/{var}/{s}" for s in
+                         ("norm", "mean", "std", "max_abs", "zero_fraction", "update_ratio")}
+    assert tags["scalars"] == expected
+    assert tags["histograms"] == {f"gradients/{l}/{v}" for l in ("enc", "head") for v in ("kernel", "bias")}
+
+    s = read_scalars(tmp_path)
+    assert [step for step, _ in s["gradients/enc/kernel/norm"]] == [0, 2, 4]
+    # the last value describes the final weights: compare with an independent tape on the probe batch
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(probe[1], model(probe[0]))
+    g = tape.gradient(loss, model.get_layer("enc").kernel)
+    assert s["gradients/enc/kernel/norm"][-1][1] == pytest.approx(float(tf.norm(g)), rel=1e-4)
+    # published for Health as well
+    assert observations_for(model).series["gradients/head/layer_norm"][-1][0] == 4
+
+
+def test_spike_between_writes_lands_in_window_max(tmp_path):
+    """steps_per_execution 4, writes every 8 steps: a huge input row at step 5 (never a due step)."""
+    rng = np.random.default_rng(0)
+    n, batch, spike_step = 48, 4, 5
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = (np.arange(n) % 3).astype(np.int32)
+    x[spike_step * batch] *= 1e4  # one row of the batch trained at step 5
+    path = tmp_path / "spike.npz"
+    np.savez(path, x=x, y=y)
+    cfg = {"name": "spike", "seed": 0,
+           "data": {"name": "npz", "path": str(path), "batch_size": batch, "shuffle": False},
+           "model": {"kind": "softmax_linear", "kernel_initializer": "zeros"},
+           "train": {"loss": "cross_entropy", "epochs": 1, "learning_rate": 1e-6, "steps_per_execution": 4},
+           "diagnostics": [{"type": "gradient_stats", "every": 8, "histogram_every": 0}]}
+    result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    s = read_scalars(result.run_dir, "train")
+    due = dict(s["gradients/global_norm"])
+    window = dict(s["gradients/global_norm/window_max"])
+    assert sorted(due) == [0, 8]  # the due steps, exactly, although executions end at 4, 8, 12
+    assert sorted(window) == [0, 8]  # window 8 holds steps 4..11, including the spike at 5
+    assert window[8] > 100 * max(due.values())
+    assert window[0] < 2 * due[0]
+    assert dict(s["gradients/logits/layer_norm/window_max"])[8] > 100 * dict(s["gradients/logits/layer_norm"])[8]

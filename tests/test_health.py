@@ -1,0 +1,146 @@
+"""health: each rule on hand-made observation series (pure), argument checks, and the demo configs,
+each run for real, producing its documented verdict (in metrics.json, the printed table and
+TensorBoard text)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+import gradlab
+from gradlab.callbacks import Health
+from gradlab.callbacks.health import LOSS_SERIES, judge, markdown_table
+from gradlab.events import read_scalars, read_text
+
+from conftest import ROOT
+
+
+def _only(verdicts, verdict):
+    return [v for v in verdicts if v["verdict"] == verdict]
+
+
+# ---- rules on hand-made series ------------------------------------------------------------------
+
+def test_vanishing_absolute_and_relative():
+    series = {
+        "gradients/hidden_1/layer_norm": [(0, 1e-2), (10, 1e-4), (20, 5e-7)],   # absolute at 20
+        "gradients/hidden_2/layer_norm": [(0, 1.0), (10, 1.0), (20, 1.0)],
+        "gradients/logits/layer_norm": [(0, 2.0), (10, 5.0), (20, 4.0)],
+        LOSS_SERIES: [(0, 1.1), (20, 0.9)],
+    }
+    v = _only(judge(series), "vanishing")
+    assert [(x["layer"], x["first_step"]) for x in v] == [("hidden_1", 10)]  # 1e-4 / 5.0 < 1e-3 at step 10
+    assert v[0]["message"] == "hidden_1: gradient vanishing from step 10 (norm 5.0e-07, 1.2e-07 of logits's)"
+
+
+def test_vanishing_ignores_a_converged_model_but_not_imbalance():
+    series = {"gradients/logits/layer_norm": [(0, 1e-2), (10, 1e-8)], LOSS_SERIES: [(0, 0.5), (10, 1e-5)]}
+    assert judge(series) == []  # tiny gradient, tiny loss: converged, not vanishing
+    series[LOSS_SERIES] = [(0, 0.5), (10, 0.4)]
+    assert [(v["layer"], v["first_step"]) for v in judge(series)] == [("logits", 10)]
+    # one layer: the relative rule can never fire (a layer is not tiny relative to itself)
+    assert judge({"gradients/logits/layer_norm": [(0, 1e-3)]}) == []
+
+
+def test_all_zero_gradients_vanish_by_the_absolute_rule():
+    series = {"gradients/a/layer_norm": [(0, 0.0)], "gradients/b/layer_norm": [(0, 0.0)]}
+    assert sorted(v["layer"] for v in judge(series)) == ["a", "b"]
+
+
+def test_exploding_jump_over_recent_median():
+    values = [1.0, 1.2, 0.9, 1.1, 30.0, 1.0, 1.0]
+    series = {"gradients/h/layer_norm": [(10 * i, 1.0) for i in range(7)],
+              "gradients/h/layer_norm/window_max": [(10 * i, x) for i, x in enumerate(values)]}
+    v = _only(judge(series), "exploding")
+    assert len(v) == 1 and v[0]["first_step"] == 40 and v[0]["last_step"] == 40
+    assert v[0]["message"] == "h: gradient norm jumped to 30 (29x its recent median 1.05) at step 40"
+    assert _only(judge(series, exploding_factor=50.0), "exploding") == []
+    # fewer earlier values than exploding_min_history: no jump can be judged yet
+    early = {"gradients/h/layer_norm": [(0, 1.0), (10, 100.0)]}
+    assert judge(early) == []
+
+
+def test_exploding_nonfinite_values_and_events():
+    series = {"gradients/h/layer_norm": [(0, 1.0), (10, math.nan)]}
+    v = judge(series)
+    assert [(x["layer"], x["verdict"], x["first_step"]) for x in v] == [("h", "exploding", 10)]
+    event = {"kind": "nonfinite", "step": 7, "layer": "h", "variable": "kernel", "what": "gradient", "value": "NaN",
+             "message": "..."}
+    v = judge(series, events=[event])
+    assert v[0]["first_step"] == 7 and v[0]["message"] == "h: gradient became NaN at step 7 (h/kernel)"
+
+
+def test_dead_and_saturated_need_the_right_activation():
+    series = {"activations/r/dead_fraction": [(0, 0.2), (50, 0.75), (100, 0.8)],
+              "activations/s/saturated_fraction": [(0, 0.97), (50, 0.97), (100, 0.3)],
+              "activations/out/saturated_fraction": [(0, 1.0)]}
+    v = judge(series, {"r": "relu", "s": "sigmoid", "out": "softmax"})
+    assert [(x["layer"], x["verdict"], x["first_step"]) for x in v] == [("s", "saturated", 0), ("r", "dead", 50)]
+    assert v[0]["message"] == "s: 97% of sigmoid units saturated from step 0 (until step 50)"
+    assert v[1]["message"] == "r: 80% of relu units dead from step 50"
+    assert judge(series, {}) == []  # unknown kinds: no dead/saturated verdicts
+    assert _only(judge(series, {"s": "tanh"}, saturated_fraction=0.99), "saturated") == []
+
+
+def test_markdown_table():
+    assert markdown_table([]).startswith("No verdicts")
+    table = markdown_table([{"layer": "a", "verdict": "dead", "first_step": 3, "message": "a: x"}])
+    assert table.splitlines()[2] == "| a | dead | 3 | a: x |"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"vanishing_norm": 0}, r"`vanishing_norm` \(0\) must be a positive number"),
+    ({"dead_fraction": 1.5}, r"`dead_fraction` \(1.5\) must be a number in \(0, 1\)"),
+    ({"exploding_factor": 1.0}, r"`exploding_factor` \(1.0\) must be greater than 1"),
+    ({"exploding_window": 0}, r"`exploding_window` \(0\) must be a positive integer"),
+])
+def test_bad_thresholds_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Health(**kwargs)
+
+
+def test_bad_threshold_in_yaml_names_the_key(write_yaml):
+    from gradlab.errors import ConfigError
+
+    path = write_yaml("diagnostics:\n  - {type: health, saturated_fraction: 2}\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml:2: diagnostics.0.saturated_fraction: `saturated_fraction` \(2\)"):
+        gradlab.load_config(path)
+
+
+# ---- the demo configs produce their verdicts -------------------------------------------------------
+
+def _run_demo(name: str, tmp_path: Path, capsys):
+    result = gradlab.run(ROOT / "configs" / f"{name}.yaml", run_dir=tmp_path / name, verbose=0)
+    printed = capsys.readouterr().out
+    verdicts = {(v["layer"], v["verdict"]) for v in result.metrics["verdicts"]}
+    for v in result.metrics["verdicts"]:
+        assert v["message"] in printed  # the table printed at the end of the run
+    text = read_text(result.run_dir, "health/verdicts")
+    assert text and all(f"| {layer} | {verdict} |" in text[-1][1] for layer, verdict in verdicts)
+    return result, verdicts
+
+
+def test_demo_sigmoid_saturation(tmp_path, capsys):
+    result, verdicts = _run_demo("demo_sigmoid_saturation", tmp_path, capsys)
+    assert {("hidden_1", "saturated"), ("hidden_2", "saturated")} <= verdicts
+    assert all(v["first_step"] == 0 for v in result.metrics["verdicts"] if v["verdict"] == "saturated")
+
+
+def test_demo_relu_dead(tmp_path, capsys):
+    result, verdicts = _run_demo("demo_relu_dead", tmp_path, capsys)
+    assert {("hidden_1", "dead"), ("hidden_2", "dead")} <= verdicts
+    assert not any(v == "saturated" for _, v in verdicts)
+
+
+def test_demo_mse_vs_cross_entropy(tmp_path, capsys):
+    mse, mse_verdicts = _run_demo("demo_mse", tmp_path, capsys)
+    xent, xent_verdicts = _run_demo("demo_cross_entropy", tmp_path, capsys)
+    assert ("logits", "vanishing") in mse_verdicts
+    assert xent_verdicts == set()
+    g_mse = [v for _, v in read_scalars(mse.run_dir, "train")["gradients/logits/norm"]]
+    g_xent = [v for _, v in read_scalars(xent.run_dir, "train")["gradients/logits/norm"]]
+    assert len(g_mse) == len(g_xent) >= 4
+    assert max(g_mse) < 1e-3 * min(g_xent)  # the seed's point: MSE's logit gradients vanish under saturation
+    assert xent.metrics["accuracy"] > mse.metrics["accuracy"] + 0.1
