@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     sub.add_parser("schema", help="print the JSON Schema of the experiment file (for editor autocompletion)")
+    _add_compare_parsers(sub)
     return p
 
 
@@ -61,6 +62,90 @@ def _cmd_schema(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema}
+
+
+# --- compare: sweep, check, report, tensorboard (issue 5) -------------------------------------
+
+def _add_compare_parsers(sub) -> None:
+    s = sub.add_parser("sweep", help="run a grid of experiments and compare them (HParams, table)")
+    s.add_argument("config", help="experiment YAML file (its `sweep:` section is the grid)")
+    s.add_argument("axes", nargs="*", metavar="key.path=a,b,c", help="sweep axes; one value fixes a key")
+    s.add_argument("--jobs", type=int, default=1, help="runs in parallel (separate processes; default 1)")
+    s.add_argument("--sweep-dir", help="write the sweep here (absent or empty) instead of log_dir/<name>-sweep-<time>")
+    s.add_argument("--timeout", type=float, help="seconds one run may take before it is stopped and marked failed")
+    s.add_argument("--quiet", action="store_true", help="no progress lines and no table")
+
+    c = sub.add_parser("check", help="numeric gradient check of the configured model and loss (float64)")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", metavar="key.path=value")
+    c.add_argument("--tolerance", type=float, default=None, help="largest max relative error that passes (1e-4)")
+    c.add_argument("--batch", type=int, default=None, help="samples in the checked batch (8)")
+    c.add_argument("--max-entries", type=int, default=None,
+                   help="entries checked per variable at most, a fixed random subset (512; 0 = all)")
+
+    r = sub.add_parser("report", help="draw loss, gradient norms, activation health and verdicts to a PNG")
+    r.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
+    r.add_argument("--out", help="PNG file to write (default: RUN_OR_SWEEP_DIR/report.png)")
+
+    t = sub.add_parser("tensorboard", help="launch TensorBoard on 127.0.0.1 for a run or sweep directory")
+    t.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
+    t.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (default 6006)")
+
+
+def _cmd_sweep(args) -> int:
+    from gradlab.sweep import plan, run_sweep
+
+    p = plan(args.config, args.axes)
+    if args.timeout is not None and not args.timeout > 0:
+        from gradlab.errors import GradlabError
+
+        raise GradlabError(f"--timeout ({args.timeout:g}) must be a positive number of seconds")
+    result = run_sweep(p, sweep_dir=args.sweep_dir, jobs=args.jobs, quiet=args.quiet, timeout=args.timeout)
+    if result.failed:
+        print(f"gradlab sweep: {len(result.failed)} of {len(result.runs)} runs failed "
+              f"(see {result.sweep_dir}/sweep.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from gradlab import gradcheck
+    from gradlab.config import load_config
+    from gradlab.errors import GradlabError
+
+    tolerance = gradcheck.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if not tolerance > 0:
+        raise GradlabError(f"--tolerance ({tolerance:g}) must be a positive number, such as 1e-4")
+    batch = gradcheck.DEFAULT_BATCH if args.batch is None else args.batch
+    if batch < 1:
+        raise GradlabError(f"--batch ({batch}) must be a positive integer")
+    max_entries = gradcheck.DEFAULT_MAX_ENTRIES if args.max_entries is None else args.max_entries
+    if max_entries < 0:
+        raise GradlabError(f"--max-entries ({max_entries}) must be 0 (all entries) or a positive integer")
+    exp = load_config(args.config, args.overrides)
+    result = gradcheck.check_config(exp, batch=batch, tolerance=tolerance, max_entries=max_entries)
+    print(f"{args.config}: {exp.model.kind}" + (f" {list(exp.model.hidden)} {exp.model.activation}"
+                                                if exp.model.kind == "mlp" else "")
+          + f", loss {exp.train.loss} ({exp.train.reduction})")
+    print(gradcheck.format_result(result))
+    return 0 if result.passed else 1
+
+
+def _cmd_report(args) -> int:
+    from gradlab.report import report
+
+    result = report(args.path, args.out)
+    print(f"report: {result.path} ({result.size[0]}x{result.size[1]} pixels)")
+    return 0
+
+
+def _cmd_tensorboard(args) -> int:
+    from gradlab.tb import launch
+
+    return launch(args.path, args.port)
+
+
+COMMANDS.update(sweep=_cmd_sweep, check=_cmd_check, report=_cmd_report, tensorboard=_cmd_tensorboard)
 
 
 def main(argv: list[str] | None = None) -> int:
