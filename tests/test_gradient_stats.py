@@ -134,3 +134,27 @@ def test_spike_between_writes_lands_in_window_max(tmp_path):
     assert window[8] > 100 * max(due.values())
     assert window[0] < 2 * due[0]
     assert dict(s["gradients/logits/layer_norm/window_max"])[8] > 100 * dict(s["gradients/logits/layer_norm"])[8]
+
+
+def test_default_run_writes_exactly_the_documented_tags(tmp_path):
+    """No ``diagnostics`` key: the default set. The expected set is built from docs/diagnostics.md's rules."""
+    cfg = {"name": "tags", "seed": 0, "data": {"name": "iris", "batch_size": 50, "shuffle": False},
+           "model": {"kind": "mlp", "hidden": [6], "activation": "relu"}, "train": {"epochs": 2}}
+    result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    tags = read_tags(result.run_dir, "train")
+    layers, variables = ("hidden_1", "logits"), ("kernel", "bias")
+    stats = ("norm", "mean", "std", "max_abs", "zero_fraction", "update_ratio")
+    expected = {"gradients/global_norm", "gradients/global_norm/window_max", "gradients/global_norm/window_mean",
+                "gradients/logits/norm", "gradients/logits/norm/window_max"}
+    expected |= {f"gradients/{l}/{v}/{s}" for l in layers for v in variables for s in stats}
+    expected |= {f"gradients/{l}/layer_norm" for l in layers} | {f"gradients/{l}/layer_norm/window_max" for l in layers}
+    every_layer = ("mean", "std", "preactivation_mean", "preactivation_std")
+    expected |= {f"activations/{l}/{s}" for l in layers for s in every_layer}
+    expected |= {"activations/hidden_1/dead_fraction", "activations/hidden_1/inactive_fraction",
+                 "activations/logits/saturated_fraction", "activations/logits/entropy"}
+    expected |= {"step/loss", "step/loss_max", "step/loss_last", "step/accuracy"}  # step_metrics
+    expected |= {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"}  # Keras's TensorBoard callback
+    assert tags["scalars"] == expected
+    assert tags["histograms"] == ({f"gradients/{l}/{v}" for l in layers for v in variables}
+                                  | {f"activations/{l}" for l in layers})
+    assert tags["text"] == {"health/verdicts"}
