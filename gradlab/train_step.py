@@ -81,7 +81,12 @@ class _TapState:
         self.tap = tap
         self.window_names = window_names
         n = len(window_names)
-        agg = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # ON_READ: each replica updates its own copy with no cross-replica sync (the tap values are
+        # computed from the global gradient, identical on every replica; an ON_WRITE assignment
+        # would need a merge_call, which tf.cond around the due-step outputs cannot contain);
+        # reads and checkpoints take the first replica's copy.
+        agg = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.last = tf.Variable(tf.zeros([n]), **agg)
         self.sum = tf.Variable(tf.zeros([n]), **agg)
         self.max = tf.Variable(tf.fill([n], -np.inf), **agg)
@@ -273,6 +278,11 @@ class GradlabModel(keras.Model):
 
         if finite is None:
             optimizer.apply(grads, variables)
+        elif replicas > 1:
+            # tf.cond around optimizer.apply would hold a cross-replica merge_call, which tf.distribute
+            # does not support; apply a zero gradient instead (SGD: no change; momentum/Adam: one
+            # step of moment decay). Every replica takes the same branch (global gradient).
+            optimizer.apply([tf.where(finite, g, tf.zeros_like(g)) for g in grads], variables)
         else:
             def apply():
                 optimizer.apply(grads, variables)
@@ -312,9 +322,9 @@ class GradlabModel(keras.Model):
         _skip_optimizer_all_reduce(self.optimizer)
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
         global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
-        logits = ctx.all_gather(logits, axis=0)
-        logits_grad = ctx.all_gather(logits_grad, axis=0)
-        y = ctx.all_gather(y, axis=0) if y is not None else None
+        logits = _gather(ctx, logits)
+        logits_grad = _gather(ctx, logits_grad)
+        y = _gather(ctx, y) if y is not None else None
         return grads, global_loss, logits, logits_grad, y, tf.shape(logits)[0]
 
     def _gradlab_logs(self, logs):
@@ -335,8 +345,8 @@ class GradlabModel(keras.Model):
         loss = self.compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False)
         ctx = tf.distribute.get_replica_context()
         global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
-        logits = ctx.all_gather(logits, axis=0)
-        y = ctx.all_gather(y, axis=0)
+        logits = _gather(ctx, logits)
+        y = _gather(ctx, y)
         self._loss_tracker.update_state(global_loss, sample_weight=tf.shape(logits)[0])
         return self._gradlab_logs(self.compute_metrics(x, y, logits, sample_weight=sample_weight))
 
@@ -395,3 +405,25 @@ def _skip_optimizer_all_reduce(optimizer) -> None:
     for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
         if opt is not None and hasattr(opt, "_all_reduce_sum_gradients"):
             opt._all_reduce_sum_gradients = _identity_all_reduce
+
+
+def _gather(ctx, t):
+    """Concatenate ``t`` over the replicas along axis 0, in replica order (the global batch).
+
+    Built from ``all_reduce(SUM)`` of zero-padded slices (exact: ``x + 0 = x``), because
+    ``ReplicaContext.all_gather`` fails under MultiWorkerMirroredStrategy ("destinations can not
+    be empty") and needs equal shapes; replicas may hold different batch sizes here.
+    """
+    dtype = t.dtype
+    t = tf.cast(t, tf.float32) if dtype.is_integer else t  # labels: small integers, exact in float32
+    replicas = ctx.num_replicas_in_sync
+    rid = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+    n = tf.shape(t)[0]
+    sizes = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.one_hot(rid, replicas, dtype=tf.float32) * tf.cast(n, tf.float32))
+    sizes = tf.cast(sizes, tf.int32)
+    offset = tf.reduce_sum(sizes[:rid])
+    total = tf.reduce_sum(sizes)
+    index = tf.reshape(tf.range(offset, offset + n), [-1, 1])
+    padded = tf.scatter_nd(index, t, tf.concat([[total], tf.shape(t)[1:]], 0))
+    out = ctx.all_reduce(tf.distribute.ReduceOp.SUM, padded)
+    return tf.cast(out, dtype) if dtype.is_integer else out
