@@ -53,12 +53,13 @@ a forward-over-back product (``tf.autodiff.ForwardAccumulator`` around a tape), 
 redo the forward pass every time (:func:`hvp_forward_over_back` is kept as a cross-check).
 
 Everything runs on the probe batch outside the train step, on tensors read from the model's
-variables (also under a ``tf.distribute`` strategy); the computation is XLA-safe and by default
-compiled with XLA.
+variables (also under a ``tf.distribute`` strategy); the computation is XLA-safe
+(``jit_compile: true`` compiles it with XLA).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Sequence
 
 import keras
@@ -92,37 +93,57 @@ def start_vector(shapes: Sequence, seed: int) -> Vector:
     return _normalize(v)
 
 
+def _power_loop(matvec, v0: Vector, iterations: int, tolerance: float, shift_if_negative: bool):
+    """Power iteration in one ``tf.while_loop``; optionally a second, shifted phase (see :func:`top_eigenvalue`).
+
+    The loop state carries the shift ``s`` (0 in phase 0) and iterates ``A - s I``; when phase 0
+    ends with ``lambda_1 < 0`` and ``shift_if_negative``, it restarts from ``v0`` with
+    ``s = lambda_1``. One loop (rather than a second loop in a ``tf.cond``) keeps the traced graph
+    -- each product is a whole backward pass -- half as large.
+    """
+    v0 = _normalize(v0)
+    f32 = tf.float32
+
+    def cond(i, k, phase, v, lam, shift, done):
+        return tf.logical_not(done)
+
+    def body(i, k, phase, v, lam, shift, done):
+        w = [a - shift * b for a, b in zip(matvec(v), v)]
+        new = _dot(v, w)
+        norm = tf.sqrt(_dot(w, w))
+        zero = tf.logical_not(norm > 0)
+        v_next = [tf.where(zero, a, b / tf.where(zero, 1.0, norm)) for a, b in zip(v, w)]
+        stop = tf.logical_or(zero, k + 1 >= iterations)
+        if tolerance > 0:
+            stop = tf.logical_or(stop, tf.logical_and(k > 0, tf.abs(new - lam) <= tolerance * tf.abs(new)))
+        restart = tf.logical_and(stop, tf.logical_and(tf.equal(phase, 0), new < 0)) if shift_if_negative \
+            else tf.constant(False)
+        # phase 0 ended negative: start phase 1 on A - new I from v0
+        v_next = [tf.where(restart, a, b) for a, b in zip(v0, v_next)]
+        return (i + 1, tf.where(restart, 0, k + 1), tf.where(restart, 1, phase), v_next,
+                tf.where(restart, tf.constant(0.0, f32), new), tf.where(restart, new, shift),
+                tf.logical_and(stop, tf.logical_not(restart)))
+
+    state = (tf.constant(0), tf.constant(0), tf.constant(0), v0, tf.constant(0.0, f32), tf.constant(0.0, f32),
+             tf.constant(iterations <= 0))
+    i, _, _, v, lam, shift, _ = tf.while_loop(cond, body, state)
+    return lam + shift, v, i
+
+
 def power_iteration(matvec: Callable[[Vector], Vector], v0: Vector, iterations: int,
                     tolerance: float = 0.0) -> tuple[tf.Tensor, Vector, tf.Tensor]:
     """Dominant eigenpair of a symmetric operator by power iteration (a ``tf.while_loop``).
 
     Each iteration computes ``w = A v``, the Rayleigh quotient ``lambda = v.w`` and
     ``v <- w/||w||``; it stops after ``iterations`` products, or when
-    ``|lambda_k - lambda_{k-1}| <= tolerance |lambda_k|`` (never when ``tolerance`` is 0), or when ``w = 0`` (``A v = 0``: then
-    ``lambda = 0``).
+    ``|lambda_k - lambda_{k-1}| <= tolerance |lambda_k|`` (never when ``tolerance`` is 0), or when
+    ``w = 0`` (``A v = 0``: then ``lambda = 0``).
 
     Returns:
         ``(lambda, v, products)``: the eigenvalue of largest magnitude, the unit vector after the
         last product, and the number of products used.
     """
-    v0 = _normalize(v0)
-
-    def cond(i, v, lam, done):
-        return tf.logical_and(i < iterations, tf.logical_not(done))
-
-    def body(i, v, lam, done):
-        w = matvec(v)
-        new = _dot(v, w)
-        norm = tf.sqrt(_dot(w, w))
-        zero = tf.logical_not(norm > 0)
-        v_next = [tf.where(zero, a, b / tf.where(zero, 1.0, norm)) for a, b in zip(v, w)]
-        if tolerance > 0:
-            converged = tf.logical_and(i > 0, tf.abs(new - lam) <= tolerance * tf.abs(new))
-            zero = tf.logical_or(zero, converged)
-        return i + 1, v_next, new, zero
-
-    i, v, lam, _ = tf.while_loop(cond, body, (tf.constant(0), v0, tf.constant(0.0), tf.constant(False)))
-    return lam, v, i
+    return _power_loop(matvec, v0, iterations, tolerance, shift_if_negative=False)
 
 
 def top_eigenvalue(matvec: Callable[[Vector], Vector], v0: Vector, iterations: int,
@@ -130,22 +151,14 @@ def top_eigenvalue(matvec: Callable[[Vector], Vector], v0: Vector, iterations: i
     """The largest *algebraic* eigenvalue of a symmetric operator (not the largest magnitude).
 
     Power iteration gives ``lambda_1``, the eigenvalue of largest magnitude. If it is negative,
-    a second power iteration on ``A - lambda_1 I`` (positive semi-definite, top eigenvalue
-    ``lambda_max - lambda_1``) recovers ``lambda_max``. ``iterations`` applies to each run.
+    power iteration on ``A - lambda_1 I`` (positive semi-definite, top eigenvalue
+    ``lambda_max - lambda_1``), restarted from ``v0``, recovers ``lambda_max``. ``iterations``
+    applies to each phase, so at most ``2 * iterations`` products.
 
     Returns:
         ``(lambda_max, eigenvector, products used)``.
     """
-    lam1, v1, n1 = power_iteration(matvec, v0, iterations, tolerance)
-
-    def shifted():
-        def shifted_matvec(v):
-            return [a - lam1 * b for a, b in zip(matvec(v), v)]
-
-        mu, v2, n2 = power_iteration(shifted_matvec, v0, iterations, tolerance)
-        return mu + lam1, v2, n1 + n2
-
-    return tf.cond(lam1 < 0, shifted, lambda: (lam1, v1, n1))
+    return _power_loop(matvec, v0, iterations, tolerance, shift_if_negative=True)
 
 
 class HessianOperator:
@@ -286,7 +299,8 @@ class Curvature(Diagnostic):
             iteration per layer).
         warm_start: start each estimate from the previous eigenvector.
         seed: seed of the deterministic start vector.
-        jit_compile: compile the estimate with XLA.
+        jit_compile: compile the estimate with XLA. Off by default: on the CPU benchmark it was
+            no faster and its first call compiled for ~5 s longer.
         probe_data, probe_size: the probe batch (default: the gradlab experiment's).
     """
 
@@ -295,7 +309,7 @@ class Curvature(Diagnostic):
 
     def __init__(self, *, log_dir: str | None = None, every: int = 100, iterations: int = 20,
                  tolerance: float = 1e-3, per_layer: bool = True, warm_start: bool = True, seed: int = 0,
-                 jit_compile: bool = True, probe_data=None, probe_size: int = 256):
+                 jit_compile: bool = False, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
         self.iterations = _positive("iterations", iterations)
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
@@ -322,8 +336,12 @@ class Curvature(Diagnostic):
         shapes = [v.shape for v in self.model.trainable_variables]
         self._vectors = ([t.numpy() for t in start_vector(shapes, self.seed)],
                          [t.numpy() for t in start_vector(shapes, self.seed + 1)])
-        self._compute = tf.function(self._estimate, jit_compile=self.jit_compile, reduce_retracing=True,
-                                    autograph=False)
+        key = (tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))
+        owner = getattr(self, "_compute_owner", None)
+        if owner is None or owner() is not self.model or self._compute_key != key:  # reuse across fit calls
+            self._compute = tf.function(self._estimate, jit_compile=self.jit_compile, reduce_retracing=True,
+                                        autograph=False)
+            self._compute_key, self._compute_owner = key, weakref.ref(self.model)
         self._limit_note_written = False
         super().on_train_begin(logs)
 

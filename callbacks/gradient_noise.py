@@ -62,6 +62,7 @@ value). The pure functions are XLA-safe (see the tests).
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Sequence
 
 import keras
@@ -325,8 +326,9 @@ class GradientNoise(Diagnostic):
         method: ``"auto"``, ``"vmap"`` (any model) or ``"dense"`` (Dense chains; ``auto``
             picks it when it applies).
         chunk_size: samples per ``vectorized_map`` call in the ``vmap`` method (bounds memory).
-        jit_compile: compile the computation with XLA (it fuses the moment reductions; about
-            2x faster on CPU for the Dense method). The variables are read outside it.
+        jit_compile: compile the computation with XLA (the variables are read outside it). Off by
+            default: on the CPU benchmark it was no faster in steady state and its first call
+            compiled for ~4 s longer.
         probe_data: ``(x, y)``; defaults to the gradlab experiment's probe batch.
         probe_size: at most this many probe rows (at least 2 are needed).
 
@@ -339,7 +341,7 @@ class GradientNoise(Diagnostic):
     probe_autograph = False  # no tensor-dependent Python control flow
 
     def __init__(self, *, log_dir: str | None = None, every: int = 10, theta: float = 0.9, method: str = "auto",
-                 chunk_size: int = 64, jit_compile: bool = True, probe_data=None, probe_size: int = 256):
+                 chunk_size: int = 64, jit_compile: bool = False, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
         if probe_size < 2:
             raise ValueError(f"`probe_size` ({probe_size!r}) must be at least 2 (one sample has no variance)")
@@ -372,8 +374,12 @@ class GradientNoise(Diagnostic):
             elif self.method == "dense":
                 raise ValueError(f"method='dense' needs a chain of keras.layers.Dense layers; "
                                  f"{self.model.name!r} is not one (use method='auto' or 'vmap')")
-        self._compute = tf.function(self._statistics, jit_compile=self.jit_compile, reduce_retracing=True,
-                                    autograph=False)
+        key = (self.method_used, tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))
+        owner = getattr(self, "_compute_owner", None)
+        if owner is None or owner() is not self.model or self._compute_key != key:  # reuse across fit calls
+            self._compute = tf.function(self._statistics, jit_compile=self.jit_compile, reduce_retracing=True,
+                                        autograph=False)
+            self._compute_key, self._compute_owner = key, weakref.ref(self.model)
         super().on_train_begin(logs)
 
     def _chain_matches(self, chain: DenseChain, x) -> bool:

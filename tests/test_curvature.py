@@ -239,7 +239,7 @@ def test_gradlab_run_writes_documented_tags(tmp_path):
     from gradlab.experiment import run
 
     cfg = {"name": "second-order", "seed": 0,
-           "data": {"name": "synthetic", "samples": 64, "batch_size": 16},
+           "data": {"name": "synthetic", "samples": 64, "batch_size": 16, "shuffle": False},
            "model": {"kind": "mlp", "hidden": [8]},
            "train": {"loss": "mse", "learning_rate": 0.5, "epochs": 3},
            "diagnostics": [{"type": "curvature", "every": 5}, {"type": "gradient_noise", "every": 5}]}
