@@ -624,7 +624,13 @@ def _tfrecord_chunks(cfg: DataConfig):
         except StopIteration:
             return
         except tf.errors.DataLossError:
-            raise DataError(f"{cfg.path}: record {first}: corrupted or truncated TFRecord data") from None
+            bad = first
+            try:  # find the exact record, one at a time
+                for _ in tf.data.TFRecordDataset(cfg.path).skip(first):
+                    bad += 1
+            except tf.errors.DataLossError:
+                pass
+            raise DataError(f"{cfg.path}: record {bad}: corrupted or truncated TFRecord data") from None
         except tf.errors.OpError as err:
             raise DataError(f"{cfg.path}: cannot read TFRecord file ({err.message.splitlines()[0]})") from None
         try:

@@ -1,0 +1,97 @@
+"""Failure modes: each is one line and loses nothing (unwritable log_dir, disk full, Ctrl-C).
+
+A dead worker is tested in test_multiworker.py. The full disk is simulated by injecting
+``OSError(ENOSPC)`` into the second checkpoint write (no tiny filesystem is needed, so the test
+runs anywhere, also unprivileged); the run must stop with a one-line error, keep the first
+checkpoint, and resume from it to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import gradlab
+from gradlab import resume as resume_mod
+from gradlab.errors import RunDirError, StorageError
+
+CFG = {
+    "name": "fail", "seed": 1,
+    "data": {"name": "synthetic", "samples": 120, "batch_size": 8},
+    "model": {"kind": "softmax_linear"},
+    "train": {"epochs": 3, "checkpoint_every": 5, "optimizer": "adam", "learning_rate": 0.05},
+    "diagnostics": [{"type": "gradient_stats", "every": 3}],
+}
+
+
+def test_unwritable_log_dir_is_one_line_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirError) as info:
+        gradlab.run(dict(CFG, log_dir=str(blocker / "runs")), quiet=True)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("log_dir: cannot create") and str(blocker) in msg
+    proc = subprocess.run([sys.executable, "-m", "gradlab.cli", "run", "configs/default.yaml",
+                           f"log_dir={blocker}/runs", "train.epochs=1"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"log_dir: cannot create '{blocker}/runs' (Not a directory)"]
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_resumes_exactly(tmp_path, monkeypatch):
+    ref = gradlab.run(CFG, run_dir=tmp_path / "ref", quiet=True, verbose=0)
+    calls = {"n": 0}
+    real_save = resume_mod.Checkpointer.save
+
+    def full_disk(self, step, per_epoch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, step, per_epoch)
+
+    monkeypatch.setattr(resume_mod.Checkpointer, "save", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(StorageError) as info:
+        gradlab.run(CFG, run_dir=run, quiet=True, verbose=0)
+    msg = str(info.value)
+    assert "\n" not in msg and "No space left on device" in msg and "step 10" in msg
+    assert "the last good checkpoint (step 5) is intact" in msg and f"gradlab run --resume {run}" in msg
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(resume_mod.Checkpointer, "save", real_save)
+    result = gradlab.run(resume=run, quiet=True, verbose=0)
+    assert result.metrics["resumed_from_step"] == 5
+    assert result.metrics["weights_sha256"] == ref.metrics["weights_sha256"]
+
+
+def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=200, checkpoint_every=1000))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gradlab.cli", "run", str(path), "--run-dir", str(run), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    t0 = time.time()
+    while not list((run / "train").glob("events.out.tfevents.*")) if run.exists() else True:
+        assert time.time() - t0 < 120 and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradlab: interrupted at step ")
+    assert lines[0].endswith(f"resume with: gradlab run --resume {run}")
+    step = int(lines[0].split("step ")[1].split(";")[0])
+    assert (run / "checkpoints" / f"ckpt-{step}.index").exists()
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["step"] == step
