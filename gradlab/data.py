@@ -104,7 +104,14 @@ class Data:
 
         ds = self.base_train
         if self.shuffle:
-            seed = tf.cast(self.seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64) + 17
+            if isinstance(epoch, int):
+                seed = self.seed * 1_000_003 + epoch + 17
+            else:
+                # Inside flat_map (a function graph): TF's get_seed compares (graph seed, op seed)
+                # with (0, 0) in Python, which fails for a tensor op seed when the global seed is
+                # 0. Give this function graph a fixed non-zero graph seed (determinism unchanged).
+                tf.compat.v1.get_default_graph().seed = 1_000_003
+                seed = tf.cast(self.seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64) + 17
             ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         return ds.batch(self.batch_size)
 
