@@ -80,7 +80,7 @@ class DataConfig:
     shuffle_buffer: int = _f(10000, "int", "streamed files (npz, csv, tfrecord): rows in the shuffle buffer "
                              "(memory; in-memory datasets shuffle fully)", minimum=1,
                              only_for=("name", FILE_DATASETS))
-    validation_split: float = _f(0.0, "float", "fraction held out (the last rows, before shuffling)",
+    validation_split: float = _f(0.0, "float", "fraction of each class held out for validation (rows picked with the seed)",
                                  minimum=0.0, maximum=0.9)
     samples: int = _f(300, "int", "synthetic: number of samples", minimum=2,
                       only_for=("name", ("synthetic",)))
@@ -695,3 +695,36 @@ def json_schema() -> dict:
 
 def dump_schema() -> str:
     return json.dumps(json_schema(), indent=2, default=str)
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated from the schema (a test keeps them in sync)."""
+    def allowed(f: dataclasses.Field) -> str:
+        m = f.metadata
+        if m["kind"] == "choice":
+            return " \\| ".join(f"`{c}`" for c in m["choices"])
+        if m["kind"] == "initializer":
+            return "Keras initializer name or `{name: ..., args}`"
+        parts = []
+        if "minimum" in m:
+            parts.append(f"{'>' if m.get('exclusive_minimum') else '>='} {m['minimum']}")
+        if "maximum" in m:
+            parts.append(f"{'<' if m.get('exclusive_maximum') else '<='} {m['maximum']}")
+        kind = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "path": "file path",
+                "int_list": "list of integers", "float_or_null": "number or null", "int_or_null": "integer or null"}
+        return (kind.get(m["kind"], m["kind"]) + (", " + ", ".join(parts) if parts else ""))
+
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|",
+            "| `name` | `experiment` | letters, digits, `_.-` | run directory prefix |",
+            "| `seed` | `0` | integer >= 0 | seeds data, initializers, shuffling |",
+            "| `log_dir` | `runs` | directory | where run directories are created |"]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            only = f.metadata.get("only_for")
+            note = f" (only when `{section}.{only[0]}` is {' or '.join(only[1])})" if only else ""
+            rows.append(f"| `{section}.{f.name}` | `{json.dumps(default)}` | {allowed(f)} | {f.metadata['help']}{note} |")
+    rows += ["| `diagnostics` | default set | list of `{type: NAME, ...options}` | omit for the defaults, `[]` for none |",
+             "| `callbacks` | `[]` | list of `{class: 'module:Class', args: {...}}` | extra Keras callbacks |",
+             "| `sweep` | none | mapping `key.path: [values]` | a grid for `gradlab sweep` |"]
+    return "\n".join(rows)
