@@ -136,6 +136,8 @@ class TrainConfig:
     steps_per_execution: int = _f(1, "int", "train steps per compiled call", minimum=1)
     precision: str = _f("float32", "choice", "compute dtype policy; variables stay float32",
                         choices=PRECISIONS)
+    log_every: int = _f(10, "int", "write step/loss (the mean over the steps since the last write) every N steps",
+                        minimum=1)
     checkpoint_every: int = _f(0, "int", "save a checkpoint every N steps (0: only at the end)", minimum=0)
     keep_checkpoints: int = _f(3, "int", "how many checkpoints to keep", minimum=1)
     distribute: str = _f("none", "choice", "tf.distribute strategy", choices=DISTRIBUTE)

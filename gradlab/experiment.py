@@ -325,7 +325,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
             for tag, points in read_scalars(path, "train").items():
                 for step, value in points:
                     obs.add(tag, step, value)
-        callbacks = [StepMetrics(log_dir=log_dir, every=min(10, max(1, exp.train.steps_per_execution)))]
+        callbacks = [StepMetrics(log_dir=log_dir, every=exp.train.log_every)]
         callbacks += diagnostics
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(path), update_freq="epoch", write_graph=False))

@@ -34,7 +34,8 @@ def test_iris_softmax_linear_cross_entropy_reaches_95_percent(tmp_path):
 
 
 def test_run_directory_contents(tmp_path):
-    cfg = tiny_config(data={"validation_split": 0.2}, diagnostics=[{"type": "gradient_stats", "every": 1}])
+    cfg = tiny_config(data={"validation_split": 0.2}, train={"log_every": 1},
+                      diagnostics=[{"type": "gradient_stats", "every": 1}])
     result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
     run = result.run_dir
     assert (run / "config.yaml").exists() and (run / "metrics.json").exists() and (run / "final.weights.h5").exists()
