@@ -94,9 +94,8 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
         summary = json.loads((root / SUMMARY_FILE).read_text())
         entries = [(root / r["name"], r) for r in summary.get("runs", [])]
         title = f"sweep {summary.get('name', root.name)} ({root})"
-        varying = summary.get("varying", [])
     elif _is_run(root):
-        entries, title, varying = [(root, None)], f"run {root}", []
+        entries, title = [(root, None)], f"run {root}"
     else:
         raise GradlabError(f"RUN_OR_SWEEP_DIR {str(root)!r}: not a gradlab run (no metrics.json or config.yaml) "
                            "or sweep (no sweep.json)")
@@ -111,8 +110,8 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
         steps, epochs = metrics.get("steps"), metrics.get("epochs_completed")
         status = (record or {}).get("status") or metrics.get("status", "unknown")
         error = (record or {}).get("error") or metrics.get("error")
-        label = ", ".join(f"{k.split('.')[-1]}={describe_value(record['values'].get(k))}"
-                          for k in varying) if record else ""
+        label = ", ".join(f"{k.split('.')[-1]}={describe_value(v)}"
+                          for k, v in (record.get("hparams") or {}).items()) if record else ""
         try:
             import yaml
 
@@ -225,7 +224,7 @@ def draw(views: list[RunView], out: str | os.PathLike, title: str = "") -> Repor
             names = {"loss": "loss", "gradient norm": "gradient norm per layer (log)",
                      "activation health": "saturated / dead fraction per layer"}
             ax.set_title(names[panel.kind], fontsize=10)
-        head = view.name + (f"\n{view.label}" if view.label else "")
+        head = "\n".join([view.name] + textwrap.wrap(view.label, 44))
         axes[0][col].set_title(f"{head}\nloss", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=12)

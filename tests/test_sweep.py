@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from compare_helpers import BAD, GOOD, shared_sweep
 from conftest import ROOT, gradlab_cli
 from gradlab.errors import ConfigError, GradlabError
-from gradlab.sweep import format_table, parse_axis, plan, run_name, split_values
+from gradlab.sweep import format_table, parse_axis, plan, split_values
 
 
 @pytest.fixture(scope="module")
