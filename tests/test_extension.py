@@ -86,7 +86,7 @@ def _config(module: str, out: str, **diag):
     return {"name": "ext", "seed": 0,
             "data": {"name": "synthetic", "samples": 60, "batch_size": 10, "shuffle": False},
             "model": {"kind": "mlp", "hidden": [4], "activation": "relu"},
-            "train": {"epochs": 2, "learning_rate": 0.1},
+            "train": {"epochs": 2, "learning_rate": 0.1, "log_every": 1},
             "diagnostics": [{"type": f"{module}:MyDiag", "every": 3, "scale": 2.0, **diag}],
             "callbacks": [{"class": f"{module}:MyCallback", "args": {"path": out, "tag": "from-yaml"}}]}
 
