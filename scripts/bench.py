@@ -15,6 +15,8 @@ Blocks:
 2. batch 32: Keras's default settings vs gradlab with ``steps_per_execution`` 1 and 16.
 3. overhead: gradlab without diagnostics vs the default diagnostics set, and vs gradient_stats
    every step (targets <= 1.03x and <= 1.10x slowdown).
+4. second_order: curvature every 100 steps with 20 power iterations (target <= 1.3x),
+   gradient_noise every step (<= 2x) and every 10 steps (<= 1.15x), on the probe batch of 256.
 
 Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead]``
 """
@@ -34,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from gradlab import plugins  # noqa: E402
-from gradlab.callbacks import GradientStats  # noqa: E402
+from gradlab.callbacks import Curvature, GradientNoise, GradientStats  # noqa: E402
 from gradlab.losses import make_loss  # noqa: E402
 from gradlab.train_step import GradlabModel  # noqa: E402
 
@@ -105,6 +107,18 @@ def gradient_stats_every_step(model, x, y):
     return [GradientStats(log_dir=None, every=1, histogram_every=0)]
 
 
+def curvature_every_100(model, x, y):
+    return [Curvature(every=100, iterations=20)]
+
+
+def curvature_exactly_20(model, x, y):
+    return [Curvature(every=100, iterations=20, tolerance=0.0, warm_start=False)]
+
+
+def noise_every(n):
+    return lambda model, x, y: [GradientNoise(every=n)]
+
+
 BLOCKS = {
     "step": lambda: [Variant("keras built-in step, batch 256", kind="keras"),
                      Variant("gradlab GradientTape step, batch 256")],
@@ -114,6 +128,11 @@ BLOCKS = {
     "overhead": lambda: [Variant("gradlab, no diagnostics"),
                          Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
                          Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step)],
+    "second_order": lambda: [Variant("gradlab, no diagnostics"),
+                             Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every_100),
+                             Variant("curvature every 100 steps, exactly 20 iter.", callbacks=curvature_exactly_20),
+                             Variant("gradient_noise every step", callbacks=noise_every(1)),
+                             Variant("gradient_noise every 10 steps", callbacks=noise_every(10))],
 }
 
 
@@ -138,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="6,000 samples and 2 rounds (a smoke run, noisy)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--samples", type=int, default=60_000)
-    p.add_argument("--block", default="step,batch32,overhead", help="comma-separated: " + ",".join(BLOCKS))
+    p.add_argument("--block", default="step,batch32,overhead,second_order", help="comma-separated: " + ",".join(BLOCKS))
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.rounds = 6_000, 2
