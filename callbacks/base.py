@@ -141,6 +141,7 @@ class Diagnostic(keras.callbacks.Callback):
         self._writer = None
         self._tap_key: str | None = None
         self._probe_fn = None
+        self._probe_model = None
         self._probe_batch = None
         self._last_step = 0
 
@@ -213,15 +214,23 @@ class Diagnostic(keras.callbacks.Callback):
         self._last_step = self.current_step()
         model = self.model
         self._tap_key = None
-        tap = self.make_tap(model) if isinstance(model, GradlabModel) and self.uses_tap else None
-        if tap is not None:
-            self._tap_key = f"{type(self).__name__}@{id(self)}"
-            model.register_tap(self._tap_key, tap)
-            model.make_train_function(force=True)
+        if isinstance(model, GradlabModel) and self.uses_tap:
+            key = f"{type(self).__name__}@{id(self)}"
+            if key in model.tap_keys:  # attached by an earlier fit: no retrace
+                self._tap_key = key
+                model.read_tap(key)  # start a fresh window
+            else:
+                tap = self.make_tap(model)
+                if tap is not None:
+                    self._tap_key = key
+                    model.register_tap(key, tap)
+                    model.make_train_function(force=True)
         if self.wants_probe(model):
             self._probe_batch = self.probe_batch()
-            self._probe_fn = tf.function(lambda x, y: self.probe(self.model, x, y), reduce_retracing=True,
-                                         autograph=self.probe_autograph)
+            if self._probe_fn is None or self._probe_model is not model:  # compiled once per model
+                self._probe_model = model
+                self._probe_fn = tf.function(lambda x, y: self.probe(self._probe_model, x, y),
+                                             reduce_retracing=True, autograph=self.probe_autograph)
             if self._last_step % self.every == 0:
                 self._run_probe(self._last_step)
 
@@ -240,6 +249,13 @@ class Diagnostic(keras.callbacks.Callback):
         if self._probe_fn is not None and (now // every) * every > prev:  # a due step in (prev, now]
             self._run_probe(now)
 
+    def detach(self) -> None:
+        """Remove this diagnostic's tap from its model (taps stay attached between ``fit`` calls)."""
+        model = getattr(self, "model", None)
+        if isinstance(model, GradlabModel):
+            model.remove_tap(f"{type(self).__name__}@{id(self)}")
+        self._tap_key = None
+
     def _run_probe(self, step: int) -> None:
         x, y = self._probe_batch
         out = self._probe_fn(x, y)
@@ -252,8 +268,8 @@ class Diagnostic(keras.callbacks.Callback):
             values = self.model.read_tap(self._tap_key)
             if values["count"] > 0:
                 self.write_tap(values["due_step"] if values["due_step"] >= 0 else max(self._last_step - 1, 0), values)
-            self.model.remove_tap(self._tap_key)
-            self._tap_key = None
+            # The tap stays attached, so another fit with this callback does not retrace the step;
+            # detach() removes it.
         if self._writer is not None:
             summaries.release_writer(self.log_dir)
             self._writer = None

@@ -163,8 +163,9 @@ class NonFiniteGuard(Diagnostic):
         self._names = [summaries.variable_path(v) for v in model.trainable_variables]
         self._grad_probe = None
         if isinstance(model, GradlabModel):
-            self._previous_skip = model.skip_nonfinite_steps
-            if self.action in ("stop", "skip_step"):
+            if self._previous_skip is None:
+                self._previous_skip = model.skip_nonfinite_steps
+            if self.action in ("stop", "skip_step") and not model.skip_nonfinite_steps:
                 model.skip_nonfinite_steps = True  # before the base class rebuilds the train function
         elif self.action == "skip_step":
             raise ValueError("`action` ('skip_step') needs a gradlab model (gradlab.train_step.GradlabModel); "
@@ -175,13 +176,16 @@ class NonFiniteGuard(Diagnostic):
         model = self.model
         if self._tap_key is not None and isinstance(model, GradlabModel):
             self._check_tap(force=True)
-            model.remove_tap(self._tap_key)
-            self._tap_key = None
+        super().on_train_end(logs)
+
+    def detach(self) -> None:
+        """Remove the tap and restore the model's ``skip_nonfinite_steps`` (both stay between fits)."""
+        model = getattr(self, "model", None)
+        super().detach()
         if isinstance(model, GradlabModel) and self._previous_skip is not None:
             model.skip_nonfinite_steps = self._previous_skip
             model.train_function = None
         self._previous_skip = None
-        super().on_train_end(logs)
 
     # ---- the tap
     def make_tap(self, model):

@@ -155,7 +155,7 @@ def run_block(name, variants, x, y, rounds):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="6,000 samples and 2 rounds (a smoke run, noisy)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--samples", type=int, default=60_000)
     p.add_argument("--block", default="step,batch32,overhead,second_order", help="comma-separated: " + ",".join(BLOCKS))
     args = p.parse_args(argv)

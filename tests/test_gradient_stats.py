@@ -158,3 +158,23 @@ def test_default_run_writes_exactly_the_documented_tags(tmp_path):
     assert tags["histograms"] == ({f"gradients/{l}/{v}" for l in layers for v in variables}
                                   | {f"activations/{l}" for l in layers})
     assert tags["text"] == {"health/verdicts"}
+
+
+def test_taps_stay_attached_between_fits_without_retracing():
+    """A second fit with the same diagnostic reuses the compiled step (retracing costs seconds)."""
+    from gradlab.config import ModelConfig
+    from gradlab.losses import make_loss
+    from gradlab.models import build_model
+
+    model = build_model(ModelConfig(kind="mlp", hidden=[4], activation="tanh"), features=3, classes=2)
+    model.compile(optimizer="sgd", loss=make_loss("cross_entropy"))
+    x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    stats = GradientStats(every=2, histogram_every=0)
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[stats])
+    compiled = model.train_function
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[stats])
+    assert model.train_function is compiled and len(model.tap_keys) == 1
+    assert [s for s, _ in observations_for(model).series["gradients/global_norm"]] == [0, 2]
+    stats.detach()
+    assert model.tap_keys == []

@@ -100,7 +100,9 @@ def test_stop_names_the_exact_step_layer_and_variable(spe, bad_step, stop_at):
     assert all(np.isfinite(w).all() for w in model.get_weights())  # the bad update was not applied
     stops = [e for e in observations_for(model).events if e["kind"] == "nonfinite_stop"]
     assert len(stops) == 1 and stops[0]["step"] == bad_step and stops[0]["message"].startswith("training stopped: ")
-    assert model.skip_nonfinite_steps is False  # restored after training
+    assert model.skip_nonfinite_steps is True  # stays attached between fits (no retrace) ...
+    guard.detach()
+    assert model.skip_nonfinite_steps is False and model.tap_keys == []  # ... until detached
 
 
 def test_skip_step_goes_on_and_keeps_weights_finite(tmp_path):
