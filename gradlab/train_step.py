@@ -26,6 +26,7 @@ as a step, so TensorBoard steps never repeat.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 from typing import Callable, Mapping
@@ -72,6 +73,35 @@ class Tap:
     on_due: Callable[[TapInputs], Mapping[str, tf.Tensor]] | None = None
     every: int = 1
     needs_updates: bool = False
+
+
+class _Updates(collections.abc.Sequence):
+    """``w_after - w_before`` per variable, built where it is read.
+
+    The pre-update weights are copied into snapshot variables only on steps where some tap is
+    due; the differences are built when a tap's ``on_due`` reads them, inside its due-step
+    branch, so the other steps pay nothing for the update ratio.
+    """
+
+    def __init__(self, variables, before):
+        self.variables, self.before = list(variables), list(before)
+
+    def __len__(self) -> int:
+        return len(self.variables)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        return tf.cast(self.variables[i], tf.float32) - self.before[i]
+
+
+class _Snapshot:
+    """Float32 copies of the trainable variables taken before an update (plain object: untracked)."""
+
+    def __init__(self, variables):
+        agg = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.values = [tf.Variable(tf.zeros(v.shape, tf.float32), **agg) for v in variables]
 
 
 class _TapState:
@@ -160,6 +190,8 @@ class GradlabModel(keras.Model):
         strategy = self.distribute_strategy
         with strategy.scope():
             self._gradlab_taps[key] = _TapState(tap, window, due)
+            if tap.needs_updates and getattr(self, "_gradlab_snapshot", None) is None:
+                self._gradlab_snapshot = _Snapshot(variables)
         self.train_function = None  # retrace with the new tap
 
     def remove_tap(self, key: str) -> None:
@@ -273,8 +305,17 @@ class GradlabModel(keras.Model):
                                             sample_weight=tf.where(finite, batch, tf.zeros_like(batch)))
 
         before = None
-        if inputs is not None and any(s.tap.needs_updates for s in self._gradlab_taps.values()):
-            before = [tf.identity(v) for v in variables]
+        update_taps = [s.tap for s in self._gradlab_taps.values() if s.tap.needs_updates]
+        if inputs is not None and update_taps:
+            before = self._gradlab_snapshot.values
+            due = tf.reduce_any(tf.stack([tf.equal(step % tap.every, 0) for tap in update_taps]))
+
+            def snapshot():
+                for b, v in zip(before, variables):
+                    b.assign(tf.cast(v, tf.float32))
+                return tf.constant(True)
+
+            tf.cond(due, snapshot, lambda: tf.constant(False))
 
         if finite is None:
             optimizer.apply(grads, variables)
@@ -297,7 +338,7 @@ class GradlabModel(keras.Model):
 
         if inputs is not None:
             if before is not None:
-                inputs.updates = [tf.cast(v, tf.float32) - tf.cast(b, tf.float32) for v, b in zip(variables, before)]
+                inputs.updates = _Updates(variables, before)
             self._run_taps(inputs)
         return self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
 
