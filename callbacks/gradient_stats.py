@@ -154,7 +154,7 @@ class GradientStats(Diagnostic):
     def on_train_batch_begin(self, batch, logs=None):
         if self._probe_fn is None:
             return
-        now = self.current_step()
+        now = self.steps_done(batch, end=False)
         spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         if ((now + spe) // self.every) * self.every > now:
             self._before = [np.array(v.numpy(), dtype=np.float32) for v in self.model.trainable_variables]

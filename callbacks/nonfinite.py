@@ -211,7 +211,7 @@ class NonFiniteGuard(Diagnostic):
         return Tap(every_step=every_step, every=1)
 
     def on_train_batch_end(self, batch, logs=None):
-        now = self.current_step()
+        now = self.steps_done(batch)
         prev, self._last_step = self._last_step, now
         if now <= prev:
             return
@@ -260,6 +260,7 @@ class NonFiniteGuard(Diagnostic):
         self._report(event, 1)
 
     def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
         self._epoch_reported = False
 
     def _check_probe(self, step: int) -> None:
