@@ -77,34 +77,46 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def make_run_dir(exp: Experiment, run_dir: str | os.PathLike | None = None) -> Path:
-    """Create the run directory: ``run_dir`` if given (absent or empty), else ``log_dir/<name>-<time>``."""
-    if run_dir is not None:
-        path = Path(run_dir)
+def new_directory(explicit: str | os.PathLike | None, *, option: str, log_dir: str, prefix: str,
+                  what: str = "run") -> Path:
+    """Create a fresh directory and return it; never reuse one that holds anything.
+
+    ``explicit`` (from ``option``, e.g. ``--run-dir``) must be absent or empty; otherwise
+    ``log_dir/<prefix>-<YYYYmmdd-HHMMSS>[-N]`` is created, ``N`` counting up on a clash.
+    Raises :class:`RunDirError` with one line naming the option or ``log_dir``.
+    """
+    if explicit is not None:
+        path = Path(explicit)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RunDirError(f"--run-dir {path}: already exists and is not empty; gradlab never overwrites a run "
-                              "(choose a new directory, or --resume it)")
+            raise RunDirError(f"{option} {path}: already exists and is not empty; gradlab never overwrites a {what} "
+                              f"(choose a new directory{', or --resume it' if what == 'run' else ''})")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RunDirError(f"--run-dir {path}: cannot create it ({err.strerror or err})") from None
+            raise RunDirError(f"{option} {path}: cannot create it ({err.strerror or err})") from None
         return path
-    base = Path(exp.log_dir)
+    base = Path(log_dir)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunDirError(f"log_dir: cannot create {str(base)!r} ({err.strerror or err})") from None
     for n in range(1000):
-        path = base / (f"{exp.name}-{stamp}" + (f"-{n}" if n else ""))
+        path = base / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
         except OSError as err:
-            raise RunDirError(f"log_dir: cannot create a run directory in {str(base)!r} ({err.strerror or err})") from None
-    raise RunDirError(f"log_dir: too many runs named {exp.name}-{stamp} in {base}")
+            raise RunDirError(f"log_dir: cannot create a {what} directory in {str(base)!r} "
+                              f"({err.strerror or err})") from None
+    raise RunDirError(f"log_dir: too many {what}s named {prefix}-{stamp} in {base}")
+
+
+def make_run_dir(exp: Experiment, run_dir: str | os.PathLike | None = None) -> Path:
+    """Create the run directory: ``run_dir`` if given (absent or empty), else ``log_dir/<name>-<time>``."""
+    return new_directory(run_dir, option="--run-dir", log_dir=exp.log_dir, prefix=exp.name)
 
 
 # ---------------------------------------------------------------------------------------------

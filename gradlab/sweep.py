@@ -36,7 +36,6 @@ HParams
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import itertools
 import json
 import math
@@ -51,7 +50,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from gradlab.config import Experiment, from_dict, load_raw, validate_plugins
-from gradlab.errors import ConfigError, GradlabError, RunDirError
+from gradlab.errors import ConfigError, GradlabError
+from gradlab.experiment import new_directory
 
 SUMMARY_FILE = "sweep.json"
 KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
@@ -375,30 +375,7 @@ class SweepResult:
 
 def make_sweep_dir(p: SweepPlan, sweep_dir: str | os.PathLike | None) -> Path:
     """Create the sweep directory: ``sweep_dir`` (absent or empty) or ``log_dir/<name>-sweep-<time>``."""
-    if sweep_dir is not None:
-        path = Path(sweep_dir)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RunDirError(f"--sweep-dir {path}: already exists and is not empty; gradlab never overwrites "
-                              "a sweep (choose a new directory)")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RunDirError(f"--sweep-dir {path}: cannot create it ({err.strerror or err})") from None
-        return path
-    base = Path(p.log_dir)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunDirError(f"log_dir: cannot create {str(base)!r} ({err.strerror or err})") from None
-    for n in range(1000):
-        path = base / (f"{p.name}-sweep-{stamp}" + (f"-{n}" if n else ""))
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RunDirError(f"log_dir: too many sweeps named {p.name}-sweep-{stamp} in {base}")
+    return new_directory(sweep_dir, option="--sweep-dir", log_dir=p.log_dir, prefix=f"{p.name}-sweep", what="sweep")
 
 
 def _child_command(config_file: Path, run_dir: Path) -> list[str]:
