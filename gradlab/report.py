@@ -129,7 +129,7 @@ def plan_panels(view: RunView) -> list[Panel]:
     tags = sorted(view.scalars)
     loss = {}
     if "step/loss" in view.scalars:
-        loss["train (every step)"] = "step/loss"
+        loss["train (step mean)"] = "step/loss"
     if "epoch_loss" in view.scalars:
         loss["train (epoch mean)"] = "epoch_loss"
     if "validation/epoch_loss" in view.scalars:
