@@ -224,6 +224,31 @@ def load_npz(path: str, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray,
         raise DataError(f"{path}: cannot read npz file ({err})") from None
 
 
+def check_rows(x: np.ndarray, y: np.ndarray, classes: int | None, where) -> np.ndarray:
+    """Check rows of features and labels; return the labels as int64.
+
+    Features must be finite; labels must be integers (any numeric dtype with integral values)
+    in ``[0, classes)``, or ``>= 0`` when ``classes`` is ``None`` (the caller then infers the
+    number of classes). ``where(i)`` names row ``i`` in the error (file and line or row index).
+    """
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise DataError(f"{where(i)}: feature is NaN or Inf ({x[i][~np.isfinite(x[i])][0]})")
+    yf = y.astype(np.float64)
+    bad = ~np.isfinite(yf) | (yf != np.round(yf))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{where(i)}: label {y[i].item()!r} is not an integer class index")
+    yi = yf.astype(np.int64)
+    out = (yi < 0) | (yi >= classes) if classes is not None else yi < 0
+    if out.any():
+        i = int(np.argmax(out))
+        bound = f"[0, {classes}) (data.classes)" if classes is not None else "[0, inf) (labels must be >= 0)"
+        raise DataError(f"{where(i)}: label {yi[i]} is outside {bound}")
+    return yi
+
+
 def check_arrays(x: np.ndarray, y: np.ndarray, classes: int | None, source: str,
                  rows: list[int] | None = None, row_word: str = "row") -> Arrays:
     """Validate and convert features/labels; errors name ``source`` and the first bad row.
@@ -248,22 +273,8 @@ def check_arrays(x: np.ndarray, y: np.ndarray, classes: int | None, source: str,
         raise DataError(f"{source}: no samples")
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
         raise DataError(f"{source}: features and labels must be numeric (got {x.dtype} and {y.dtype})")
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise DataError(f"{where(i)}: feature is NaN or Inf ({x[i][~np.isfinite(x[i])][0]})")
-    yf = y.astype(np.float64)
-    bad = ~np.isfinite(yf) | (yf != np.round(yf))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError(f"{where(i)}: label {y[i].item()!r} is not an integer class index")
-    yi = yf.astype(np.int64)
+    yi = check_rows(x, y, classes, where)
     n_classes = classes if classes is not None else int(yi.max()) + 1
-    out = (yi < 0) | (yi >= n_classes)
-    if out.any():
-        i = int(np.argmax(out))
-        raise DataError(f"{where(i)}: label {yi[i]} is outside [0, {n_classes}) "
-                        f"({'data.classes' if classes is not None else 'labels must be >= 0'})")
     if n_classes < 2:
         raise DataError(f"{source}: found only {n_classes} class; a classifier needs at least 2")
     return Arrays(x.astype(np.float32), yi.astype(np.int32), n_classes, source)
@@ -401,22 +412,7 @@ def _check_chunk(scan: _Scan, x: np.ndarray, y: np.ndarray, first_row: int, cfg:
     """Check one chunk of rows (``where(i)`` names row ``first_row + i``) and fold it into ``scan``."""
     if x.ndim != 2:
         raise DataError(f"{cfg.path}: features must be a 2-D array (samples x features), got shape {x.shape}")
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise DataError(f"{where(i)}: feature is NaN or Inf ({x[i][~np.isfinite(x[i])][0]})")
-    yf = y.astype(np.float64)
-    bad = ~np.isfinite(yf) | (yf != np.round(yf))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError(f"{where(i)}: label {y[i]!r} is not an integer class index")
-    yi = yf.astype(np.int64)
-    limit = cfg.classes if cfg.classes is not None else np.iinfo(np.int32).max
-    out = (yi < 0) | (yi >= limit)
-    if out.any():
-        i = int(np.argmax(out))
-        raise DataError(f"{where(i)}: label {yi[i]} is outside [0, {limit if cfg.classes is not None else 'inf'}) "
-                        f"({'data.classes' if cfg.classes is not None else 'labels must be >= 0'})")
+    yi = check_rows(x, y, cfg.classes, where)
     if scan.sum is None:
         scan.features = x.shape[1]
         scan.sum = np.zeros(x.shape[1], np.float64)
