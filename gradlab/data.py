@@ -174,39 +174,18 @@ def _is_number(cell: str) -> bool:
 
 
 def load_csv(path: str, label_column: int = -1) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Read a numeric CSV; returns ``x``, raw labels, and the 1-based file line of each row."""
-    try:
-        handle = open(path, newline="", encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"{path}: cannot open data file ({err.strerror or type(err).__name__})") from None
-    xs, ys, lines = [], [], []
-    width = None
-    with handle:
-        for lineno, row in enumerate(csv.reader(handle), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if width is None and lineno == 1 and not all(_is_number(c) for c in row):
-                continue  # header
-            if width is None:
-                width = len(row)
-                if width < 2:
-                    raise DataError(f"{path}:{lineno}: a row needs at least one feature and a label, got {width} column")
-                if not -width <= label_column < width:
-                    raise DataError(f"{path}: data.label_column ({label_column}) is outside the {width} columns")
-            if len(row) != width:
-                raise DataError(f"{path}:{lineno}: expected {width} columns like the first row, got {len(row)}")
-            try:
-                values = [float(c) for c in row]
-            except ValueError:
-                bad = next(c for c in row if not _is_number(c))
-                raise DataError(f"{path}:{lineno}: {bad!r} is not a number") from None
-            label = values.pop(label_column if label_column >= 0 else width + label_column)
-            xs.append(values)
-            ys.append(label)
-            lines.append(lineno)
-    if not xs:
-        raise DataError(f"{path}: no data rows")
-    return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64), lines
+    """Read a whole numeric CSV; returns ``x``, raw labels, and the 1-based file line of each row.
+
+    The same row parser as the streamed pipeline (:func:`_csv_chunks`): a non-numeric first row
+    is a header, blank lines are skipped, and errors name the file and line.
+    """
+    cfg = DataConfig(name="csv", path=path, label_column=label_column)
+    xs, ys, lines, chunk_lines = [], [], [], []
+    for x, y in _csv_chunks(cfg, chunk_lines):
+        xs.append(x)
+        ys.append(y)
+        lines.extend(chunk_lines)
+    return (np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64), lines)
 
 
 def load_npz(path: str, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ Order matters and is the contract:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -42,14 +43,19 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------
 # Files
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temp file in the same directory, fsync, rename."""
+@contextlib.contextmanager
+def atomic_replace(path: str | os.PathLike):
+    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
+
+    Whatever writes the temp file (text, a TFRecord writer), a crash leaves either the old file
+    or the new one, never a half-written one; on error the temp file is removed.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -58,6 +64,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_replace`)."""
+    with atomic_replace(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def _json_default(obj):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import RunDirError, RunInterrupted, StorageError
+from gradlab.experiment import atomic_replace
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -118,21 +118,10 @@ def repair_events(run_dir: str | os.PathLike, step: int, batches_per_epoch: int)
             changed = True  # a torn last record: drop it
         if not changed:
             continue
-        fd, tmp = tempfile.mkstemp(prefix=".repair-", dir=file.parent)
-        os.close(fd)
-        try:
+        with atomic_replace(file) as tmp:
             with tf.io.TFRecordWriter(tmp) as writer:
                 for raw in kept:
                     writer.write(raw)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, file)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
     return removed
 
 

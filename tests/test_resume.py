@@ -107,7 +107,10 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, monkeypatch):
     # the uninterrupted reference and the final resume run in this process (saves two TF start-ups)
     gradlab.run(str(cfg), run_dir=ref, quiet=True, verbose=0)
     result = gradlab.run(resume=run, quiet=True, verbose=0)
-    assert result.metrics["resumed_from_step"] >= second
+    # The kill can land after ckpt-<second>'s files exist but before the manager records it as the
+    # latest; then the previous checkpoint is the one to resume. Either way the second process's
+    # committed progress is kept.
+    assert first < result.metrics["resumed_from_step"] <= second
 
     m_ref = json.loads((ref / "metrics.json").read_text())
     m_run = json.loads((run / "metrics.json").read_text())
