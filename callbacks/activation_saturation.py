@@ -282,7 +282,7 @@ class ActivationSaturation(Diagnostic):
             for stat, value in activation_stats(a, plan.kind, self.threshold, pre, plan.is_logits).items():
                 out[f"{plan.name}/{stat}"] = value
             if self.histogram_every:
-                out[f"{plan.name}/@values"] = tf.cast(a, tf.float32)
+                out[f"{plan.name}/@histogram"] = summaries.histogram_buckets(a)
         return out
 
     def write_probe(self, step, values):
@@ -292,8 +292,8 @@ class ActivationSaturation(Diagnostic):
             self._last_histogram = step
         for key, value in values.items():
             layer, stat = key.rsplit("/", 1)
-            if stat == "@values":
+            if stat == "@histogram":
                 if hist_due:
-                    self.histogram(summaries.tag("activations", layer), value, step)
+                    self.histogram(summaries.tag("activations", layer), value, step, buckets=None)
                 continue
             self.scalar(summaries.tag("activations", layer, stat), float(np.asarray(value)), step)

@@ -139,6 +139,7 @@ class Diagnostic(keras.callbacks.Callback):
             raise ValueError("`probe_data` must be a pair (x, y)")
         self.probe_data = probe_data
         self._writer = None
+        self._pending: list[tuple[str, float, int]] = []
         self._tap_key: str | None = None
         self._probe_fn = None
         self._probe_model = None
@@ -173,17 +174,35 @@ class Diagnostic(keras.callbacks.Callback):
         return self._writer
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        """Write one scalar (if there is a log_dir) and publish it to the model's observations."""
-        observations_for(self.model).add(tag, step, value)
-        if self.writer is not None:
-            with self.writer.as_default():
-                tf.summary.scalar(tag, float(value), step=int(step))
+        """Write one scalar (if there is a log_dir) and publish it to the model's observations.
 
-    def histogram(self, tag: str, values, step: int, buckets: int = 30) -> None:
+        The value is published at once; the event is queued and written with the others of the
+        same hook in one compiled call (:meth:`flush_scalars`, which the base class runs at the
+        end of its hooks: call it yourself when you write from a hook of your own that does not
+        call ``super()``).
+        """
+        observations_for(self.model).add(tag, step, value)
+        if self.log_dir is not None:
+            self._pending.append((tag, float(value), int(step)))
+
+    def flush_scalars(self) -> None:
+        """Write the queued scalars (see :meth:`scalar`)."""
+        pending, self._pending = self._pending, []
+        if pending and self.writer is not None:
+            tags, values, steps = zip(*pending)
+            summaries.write_scalars(self.writer, tags, values, steps)
+
+    def histogram(self, tag: str, values, step: int, buckets: int = summaries.HISTOGRAM_BUCKETS) -> None:
+        """Write a TensorBoard histogram of ``values`` (see :func:`gradlab.summaries.histogram_buckets`).
+
+        ``values`` may also be buckets computed already (in a tap or probe): a ``[k, 3]`` array
+        passed with ``buckets=None``.
+        """
         if self.writer is not None:
+            if buckets is not None:
+                values = summaries.histogram_buckets(values, buckets)
             with self.writer.as_default():
-                tf.summary.histogram(tag, np.asarray(values, dtype=np.float32).ravel(), step=int(step),
-                                     buckets=buckets)
+                summaries.write_histogram_buckets(tag, values, int(step))
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         if self.writer is not None:
@@ -265,6 +284,8 @@ class Diagnostic(keras.callbacks.Callback):
                 self.write_tap(step, values)
         if self._probe_fn is not None and (now // every) * every > prev:  # a due step in (prev, now]
             self._run_probe(now)
+        if self._pending:
+            self.flush_scalars()
 
     def detach(self) -> None:
         """Remove this diagnostic's tap from its model (taps stay attached between ``fit`` calls)."""
@@ -277,6 +298,7 @@ class Diagnostic(keras.callbacks.Callback):
         x, y = self._probe_batch
         out = self._probe_fn(x, y)
         self.write_probe(step, {k: np.asarray(v) for k, v in out.items()})
+        self.flush_scalars()
 
     def on_train_end(self, logs=None):
         if self._tap_key is not None and isinstance(self.model, GradlabModel):
@@ -287,6 +309,7 @@ class Diagnostic(keras.callbacks.Callback):
                 self.write_tap(values["due_step"] if values["due_step"] >= 0 else max(self._last_step - 1, 0), values)
             # The tap stays attached, so another fit with this callback does not retrace the step;
             # detach() removes it.
+        self.flush_scalars()
         if self._writer is not None:
             summaries.release_writer(self.log_dir)
             self._writer = None

@@ -32,30 +32,52 @@ import tensorflow as tf
 
 from gradlab import summaries
 from gradlab.callbacks.base import Diagnostic, register
-from gradlab.train_step import Tap
+from gradlab.train_step import Tap, lazy_cond
 
 STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
 
 
-def variable_stats(g: tf.Tensor) -> dict[str, tf.Tensor]:
-    """``norm, mean, std, max_abs, zero_fraction`` of one gradient (see the module docstring)."""
+def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """``norm, mean, std, max_abs, zero_fraction`` of one gradient (see the module docstring).
+
+    ``squared_norm``: ``sum(g^2)`` when the caller has it already (the step computes it for
+    every gradient). ``std`` is the two-pass ``sqrt(sum((g - mean)^2) / n)``, exact also when
+    ``|mean| >> std``; ``max_abs`` is ``max(max g, -min g)`` (no ``|g|`` temporary).
+    """
     g = tf.cast(tf.reshape(g, [-1]), tf.float32)
+    size = g.shape.num_elements()
+    if size == 0:
+        zero = tf.constant(0.0)
+        return {stat: zero for stat in STATS}
     n = tf.cast(tf.maximum(tf.size(g), 1), tf.float32)
+    if squared_norm is None:
+        squared_norm = 2.0 * tf.nn.l2_loss(g)
     mean = tf.reduce_sum(g) / n
+    if size is None:  # unknown length: may be empty
+        max_abs = tf.reduce_max(tf.concat([tf.abs(g), [0.0]], 0))
+    else:
+        max_abs = tf.maximum(tf.reduce_max(g), -tf.reduce_min(g))
     return {
-        "norm": tf.norm(g),
+        "norm": tf.sqrt(tf.cast(squared_norm, tf.float32)),
         "mean": mean,
-        "std": tf.sqrt(tf.reduce_sum(tf.square(g - mean)) / n),
-        "max_abs": tf.reduce_max(tf.concat([tf.abs(g), [0.0]], 0)),
-        "zero_fraction": tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) / n,
+        "std": tf.sqrt(2.0 * tf.nn.l2_loss(g - mean) / n),
+        "max_abs": max_abs,
+        "zero_fraction": 1.0 - tf.cast(tf.math.count_nonzero(g), tf.float32) / n,
     }
 
 
 def update_ratio(delta: tf.Tensor, before: tf.Tensor) -> tf.Tensor:
     """``||delta|| / ||before||`` with the zero-weight convention of the module docstring."""
-    d = tf.norm(tf.cast(delta, tf.float32))
-    b = tf.norm(tf.cast(before, tf.float32))
-    a = tf.norm(tf.cast(before, tf.float32) + tf.cast(delta, tf.float32))
+    before = tf.cast(before, tf.float32)
+    return weight_update_ratio(before, before + tf.cast(delta, tf.float32))
+
+
+def weight_update_ratio(before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
+    """``||after - before|| / ||before||`` (``/ ||after||`` when ``before`` is zero; 0/0 is 0)."""
+    before, after = tf.cast(before, tf.float32), tf.cast(after, tf.float32)
+    d = tf.norm(after - before)
+    b = tf.norm(before)
+    a = tf.norm(after)
     denom = tf.where(b > 0, b, a)
     return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
 
@@ -85,6 +107,7 @@ class GradientStats(Diagnostic):
             raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
         self.histogram_every = histogram_every
         self._before = None
+        self._tags: dict[str, tuple] = {}
 
     # ---- channel selection
     def wants_probe(self, model) -> bool:
@@ -107,13 +130,19 @@ class GradientStats(Diagnostic):
 
         def on_due(inp):
             out = {"@logits/norm": tf.norm(inp.logits_grad)}
-            for (layer, var), g, v, delta in zip(names, inp.grads, inp.variables, inp.updates or [None] * len(names)):
-                for stat, value in variable_stats(g).items():
+            before = inp.weights_before
+            for i, ((layer, var), g, v) in enumerate(zip(names, inp.grads, inp.variables)):
+                for stat, value in variable_stats(g, inp.squared_norms[i]).items():
                     out[f"{layer}/{var}/{stat}"] = value
-                if delta is not None:
-                    out[f"{layer}/{var}/update_ratio"] = update_ratio(delta, tf.cast(v, tf.float32) - delta)
-                if hist:
-                    out[f"{layer}/{var}/@values"] = g
+                if before is not None:
+                    out[f"{layer}/{var}/update_ratio"] = weight_update_ratio(before[i], v)
+            if hist:
+                # Buckets (not gradient copies), and only at histogram steps.
+                shape = [len(names), summaries.HISTOGRAM_BUCKETS, 3]
+                out["@histograms"] = lazy_cond(
+                    tf.equal(inp.step % self.histogram_every, 0),
+                    lambda: tf.cast(tf.stack([summaries.histogram_buckets(g) for g in inp.grads]), tf.float32),
+                    lambda: tf.zeros(shape, tf.float32))
             return out
 
         return Tap(every_step=every_step, on_due=on_due, every=self.every, needs_updates=True)
@@ -129,23 +158,31 @@ class GradientStats(Diagnostic):
     def _write_stats(self, step: int, due: dict) -> None:
         """Write one due step's statistics.
 
-        ``due`` maps ``layer/var/stat`` to a value, ``layer/var/@values`` to the raw gradient
-        (histograms) and ``@logits/norm`` to the logits-gradient norm.
+        ``due`` maps ``layer/var/stat`` to a value, ``@histograms`` to the gradients' histogram
+        buckets (``[variables, k, 3]``, in variable order) and ``@logits/norm`` to the
+        logits-gradient norm.
         """
         hist_due = self.histogram_every > 0 and step % self.histogram_every == 0
         layer_sq: dict[str, float] = {}
+        tags = self._tags
         for key, value in due.items():
-            if key == "@logits/norm":
-                self.scalar("gradients/logits/norm", float(value), step)
-                continue
-            layer, var, stat = key.rsplit("/", 2)
-            if stat == "@values":
+            if key == "@histograms":
                 if hist_due:
-                    self.histogram(summaries.tag("gradients", layer, var), value, step)
+                    for (layer, var), buckets in zip(_names(self.model.trainable_variables), value):
+                        self.histogram(summaries.tag("gradients", layer, var), buckets, step, buckets=None)
                 continue
-            self.scalar(summaries.tag("gradients", layer, var, stat), float(value), step)
-            if stat == "norm":
-                layer_sq[layer] = layer_sq.get(layer, 0.0) + float(value) ** 2
+            entry = tags.get(key)
+            if entry is None:  # tag and layer of a key, worked out once
+                if key == "@logits/norm":
+                    entry = tags[key] = ("gradients/logits/norm", None)
+                else:
+                    layer, var, stat = key.rsplit("/", 2)
+                    entry = tags[key] = (summaries.tag("gradients", layer, var, stat), layer if stat == "norm" else None)
+            tag, norm_of = entry
+            value = float(value)
+            self.scalar(tag, value, step)
+            if norm_of is not None:
+                layer_sq[norm_of] = layer_sq.get(norm_of, 0.0) + value * value
         for layer, sq in layer_sq.items():
             self.scalar(summaries.tag("gradients", layer, "layer_norm"), float(np.sqrt(sq)), step)
         self.scalar("gradients/global_norm", float(np.sqrt(sum(layer_sq.values()))), step)
@@ -166,12 +203,12 @@ class GradientStats(Diagnostic):
         variables = model.trainable_variables
         grads = tape.gradient(loss, list(variables) + [y_pred])
         out = {"@logits/norm": tf.norm(tf.cast(grads[-1], tf.float32))}
-        for (layer, var), g, v in zip(_names(variables), grads[:-1], variables):
-            g = tf.zeros_like(v) if g is None else g
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads[:-1], variables)]
+        for (layer, var), g in zip(_names(variables), grads):
             for stat, value in variable_stats(g).items():
                 out[f"{layer}/{var}/{stat}"] = value
-            if self.histogram_every:
-                out[f"{layer}/{var}/@values"] = g
+        if self.histogram_every:
+            out["@histograms"] = tf.stack([summaries.histogram_buckets(g) for g in grads])
         return out
 
     def write_probe(self, step, values):

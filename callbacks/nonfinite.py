@@ -307,6 +307,7 @@ class NonFiniteGuard(Diagnostic):
         obs.events.append(event)
         step = event["step"]
         self.scalar("nonfinite/steps", self.count, step)
+        self.flush_scalars()
         consequence = {"stop": "training stopped", "skip_step": "the update was skipped",
                        "warn": "training goes on"}[self.action]
         self.text("nonfinite/report", f"{event['message']} ({consequence})", step)

@@ -42,3 +42,4 @@ class StepMetrics(Diagnostic):
                     self.scalar(f"step/{name}", float(value), now - 1)
                 except (TypeError, ValueError):
                     continue
+            self.flush_scalars()

@@ -141,11 +141,7 @@ def flush_writers(callbacks) -> None:
 # Checkpoints
 
 def _tap_variables(model) -> list:
-    out = []
-    for state in getattr(model, "_gradlab_taps", {}).values():
-        out += [state.last, state.sum, state.max, state.min, state.count, state.due_step]
-        out += [state.due[name] for name in sorted(state.due)]
-    return out
+    return model.tap_variables() if hasattr(model, "tap_variables") else []
 
 
 class Checkpointer:

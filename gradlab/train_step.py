@@ -18,6 +18,13 @@ Both must be XLA-safe: no summary ops, no Python side effects, no variable creat
 The Python side (a callback) reads the accumulators with :meth:`GradlabModel.read_tap`,
 writes them and resets the window.
 
+Cost. What a tap adds to a step not due is its ``every_step`` math plus one update of the
+window accumulator that all taps share (one variable read and one assignment per step, however
+many taps and scalars). The due-step work sits in :func:`lazy_cond` branches, which stay
+functional ``If`` ops: a step that is not due runs no op of them. (``tf.cond``'s default
+lowering to ``Switch``/``Merge`` makes the executor visit every op of the untaken branch; for
+gradient_stats that was ~1 ms on a ~10 ms CPU step.)
+
 Step numbering: the step of a gradient is the optimizer's iteration count *before* the
 update it produces, so step 0 describes the initial weights. A step skipped because of
 NaN/Inf (``nonfinite`` with ``skip_step``, or the mixed-precision loss scaler) still counts
@@ -49,6 +56,8 @@ class TapInputs:
         logits: the model output of this step.
         logits_grad: d loss / d logits for this batch.
         updates: ``w_after - w_before`` per variable when a tap asked for them, else ``None``.
+        weights_before: the float32 weights before this step's update when a tap asked for
+            updates, else ``None`` (``variables`` hold the weights after it).
     """
 
     step: tf.Tensor
@@ -58,11 +67,15 @@ class TapInputs:
     logits: tf.Tensor
     logits_grad: tf.Tensor
     updates: list | None = None
+    weights_before: list | None = None
 
     @functools.cached_property
     def squared_norms(self) -> list:
-        """``sum(g^2)`` per gradient, computed once per step and shared by every tap."""
-        return [tf.reduce_sum(tf.square(g)) for g in self.grads]
+        """``sum(g^2)`` per gradient, computed once per step and shared by every tap.
+
+        ``2 * tf.nn.l2_loss(g)``: one fused pass, no ``g^2`` temporary.
+        """
+        return [2.0 * tf.nn.l2_loss(g) for g in self.grads]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +86,32 @@ class Tap:
     on_due: Callable[[TapInputs], Mapping[str, tf.Tensor]] | None = None
     every: int = 1
     needs_updates: bool = False
+
+
+def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
+    """``tf.cond(pred, true_fn, false_fn)`` whose untaken branch costs nothing.
+
+    Inside a ``tf.function`` (not compiled with XLA), TensorFlow lowers ``tf.cond`` to
+    ``Switch``/``Merge`` ops so that branch ops can start as their inputs arrive; the price is
+    that the executor still visits every op of the untaken branch (as a dead tensor) on every
+    step. For rarely-taken branches with many ops -- a diagnostic's due-step work -- that is
+    most of its cost. This keeps the ``If`` op functional: the taken branch runs as one function
+    call and the other not at all. Under XLA and in eager mode it is plain ``tf.cond``.
+
+    The outputs must be tensors (not ``None``); branches may assign variables.
+    """
+    out = tf.cond(pred, true_fn, false_fn)
+    if not tf.executing_eagerly():
+        for t in tf.nest.flatten(out):
+            op = t.op
+            if op.type == "Identity" and op.inputs:  # cond_v2 wraps the If outputs in Identity ops
+                op = op.inputs[0].op
+            if op.type in ("If", "StatelessIf"):
+                from tensorflow.core.framework import attr_value_pb2
+
+                op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+                break
+    return out
 
 
 class _Updates(collections.abc.Sequence):
@@ -104,50 +143,51 @@ class _Snapshot:
         self.values = [tf.Variable(tf.zeros(v.shape, tf.float32), **agg) for v in variables]
 
 
+_ON_READ = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+# ON_READ: each replica updates its own copy with no cross-replica sync (the tap values are
+# computed from the global gradient, identical on every replica; an ON_WRITE assignment would
+# need a merge_call, which the due-step branches cannot contain); reads and checkpoints take
+# the first replica's copy.
+
+
 class _TapState:
-    """Accumulator variables of one tap. A plain object, so Keras and tf.train.Checkpoint don't track it."""
+    """One tap: its columns in the shared window and its due-step output variables.
+
+    A plain object, so Keras and tf.train.Checkpoint don't track it. The window columns are
+    ``[lo, hi)`` of :attr:`GradlabModel._gradlab_window`: one per ``every_step`` scalar, in
+    :attr:`window_names` order, then one that counts the steps of the window.
+    """
 
     def __init__(self, tap: Tap, window_names: list[str], due_specs: dict[str, tf.TensorShape]):
         self.tap = tap
         self.window_names = window_names
-        n = len(window_names)
-        # ON_READ: each replica updates its own copy with no cross-replica sync (the tap values are
-        # computed from the global gradient, identical on every replica; an ON_WRITE assignment
-        # would need a merge_call, which tf.cond around the due-step outputs cannot contain);
-        # reads and checkpoints take the first replica's copy.
-        agg = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.last = tf.Variable(tf.zeros([n]), **agg)
-        self.sum = tf.Variable(tf.zeros([n]), **agg)
-        self.max = tf.Variable(tf.fill([n], -np.inf), **agg)
-        self.min = tf.Variable(tf.fill([n], np.inf), **agg)
-        self.count = tf.Variable(0, dtype=tf.int64, **agg)
-        self.due = {name: tf.Variable(tf.zeros(shape), **agg) for name, shape in due_specs.items()}
-        self.due_step = tf.Variable(-1, dtype=tf.int64, **agg)
+        self.lo = self.hi = 0
+        # Scalar due outputs live in one vector (one assignment in the step, one tensor to read);
+        # the others in a variable each.
+        self.due_scalar_names = [name for name, shape in due_specs.items() if shape.rank == 0]
+        self.due_scalars = tf.Variable(tf.zeros([len(self.due_scalar_names)]), **_ON_READ)
+        self.due = {name: tf.Variable(tf.zeros(shape), **_ON_READ)
+                    for name, shape in due_specs.items() if shape.rank != 0}
+        self.due_step = tf.Variable(-1, dtype=tf.int64, **_ON_READ)
         self._read_fns: dict[bool, Callable] = {}
 
-    def reset_window(self) -> None:
-        self.sum.assign(tf.zeros_like(self.sum))
-        self.max.assign(tf.fill(tf.shape(self.max), -np.inf))
-        self.min.assign(tf.fill(tf.shape(self.min), np.inf))
-        self.count.assign(0)
-        self.due_step.assign(-1)
+    @property
+    def width(self) -> int:
+        return len(self.window_names) + 1
 
-    def read_fn(self, reset: bool):
-        """A compiled function returning every accumulator (and resetting the window if ``reset``)."""
-        fn = self._read_fns.get(reset)
-        if fn is None:
-            def read():
-                values = (tf.identity(self.last), tf.identity(self.sum), tf.identity(self.max),
-                          tf.identity(self.min), tf.identity(self.count), tf.identity(self.due_step),
-                          {name: tf.identity(var) for name, var in self.due.items()})
-                if reset:
-                    with tf.control_dependencies(tf.nest.flatten(values)):
-                        self.reset_window()
-                return values
 
-            fn = self._read_fns[reset] = tf.function(read, autograph=False)
-        return fn
+class _Window:
+    """Holds the shared window variable (a plain object, so Keras does not track it as a model weight)."""
+
+    def __init__(self):
+        self.var = None
+
+
+def _empty_window(columns: int) -> np.ndarray:
+    """Rows ``last, sum, max, min`` of an empty window: 0, 0, -inf, +inf."""
+    return np.stack([np.zeros(columns), np.zeros(columns), np.full(columns, -np.inf),
+                     np.full(columns, np.inf)]).astype(np.float32)
 
 
 class GradlabModel(keras.Model):
@@ -164,6 +204,7 @@ class GradlabModel(keras.Model):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gradlab_taps: dict[str, _TapState] = {}
+        self._gradlab_window_holder = _Window()
         self.skip_nonfinite_steps = False
 
     # ---- taps -------------------------------------------------------------------------------
@@ -181,7 +222,8 @@ class GradlabModel(keras.Model):
             step=tf.constant(0, tf.int64), loss=tf.constant(0.0),
             grads=[tf.zeros(v.shape, tf.float32) for v in variables], variables=variables,
             logits=tf.zeros([2, out_units]), logits_grad=tf.zeros([2, out_units]),
-            updates=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None)
+            updates=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None,
+            weights_before=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None)
         window = list(tap.every_step(probe)) if tap.every_step else []
         for name, value in (tap.every_step(probe).items() if tap.every_step else ()):
             if tf.convert_to_tensor(value).shape.rank != 0:
@@ -189,15 +231,73 @@ class GradlabModel(keras.Model):
         due = {name: tf.convert_to_tensor(v).shape for name, v in (tap.on_due(probe).items() if tap.on_due else ())}
         strategy = self.distribute_strategy
         with strategy.scope():
+            old = self._gradlab_taps.pop(key, None)
             self._gradlab_taps[key] = _TapState(tap, window, due)
             if tap.needs_updates and getattr(self, "_gradlab_snapshot", None) is None:
                 self._gradlab_snapshot = _Snapshot(variables)
+        self._layout_window(dropped=old)
         self.train_function = None  # retrace with the new tap
 
     def remove_tap(self, key: str) -> None:
         """Remove the tap ``key`` if present."""
-        if self._gradlab_taps.pop(key, None) is not None:
+        old = self._gradlab_taps.pop(key, None)
+        if old is not None:
+            self._layout_window(dropped=old)
             self.train_function = None
+
+    def _layout_window(self, dropped: _TapState | None = None) -> None:
+        """(Re)build the shared window variable for the current taps, keeping open windows."""
+        previous = self._gradlab_window
+        kept = previous.numpy() if previous is not None else None
+        columns, moves = 0, []
+        for state in self._gradlab_taps.values():
+            if kept is not None and state.hi > state.lo and state is not dropped and state.hi <= kept.shape[1]:
+                moves.append((columns, state.lo, state.hi))
+            state.lo, state.hi = columns, columns + state.width
+            state._read_fns.clear()  # they captured the previous variable
+            columns = state.hi
+        initial = _empty_window(columns)
+        for lo, old_lo, old_hi in moves:
+            initial[:, lo:lo + old_hi - old_lo] = kept[:, old_lo:old_hi]
+        self._gradlab_window_holder.var = None
+        if columns:
+            with self.distribute_strategy.scope():
+                self._gradlab_window_holder.var = tf.Variable(initial, **_ON_READ)
+
+    @property
+    def _gradlab_window(self):
+        """The window accumulators of every tap: ``[4, columns]`` rows last, sum, max, min (or None)."""
+        return self._gradlab_window_holder.var
+
+    def tap_variables(self) -> list:
+        """Every variable the taps keep (checkpointed with a run, so a resume continues the windows)."""
+        out = [self._gradlab_window] if self._gradlab_window is not None else []
+        for state in self._gradlab_taps.values():
+            out += [state.due_step, state.due_scalars]
+            out += [state.due[name] for name in sorted(state.due)]
+        return out
+
+    def _tap_read_fn(self, state: _TapState, reset: bool):
+        """A compiled function returning a tap's window columns and due outputs (and resetting its window)."""
+        fn = state._read_fns.get(reset)
+        if fn is None:
+            window, lo, hi = self._gradlab_window, state.lo, state.hi
+            mask = np.zeros((4, window.shape[1]), bool)
+            mask[1:, lo:hi] = True  # sum, max, min of this tap's columns; `last` survives a reset
+            empty = _empty_window(window.shape[1])
+
+            def read():
+                acc = tf.identity(window.value())
+                values = (acc[:, lo:hi], tf.identity(state.due_step), tf.identity(state.due_scalars),
+                          {name: tf.identity(var) for name, var in state.due.items()})
+                if reset:
+                    with tf.control_dependencies(tf.nest.flatten(values)):
+                        window.assign(tf.where(tf.constant(mask), tf.constant(empty), acc))
+                        state.due_step.assign(-1)
+                return values
+
+            fn = state._read_fns[reset] = tf.function(read, autograph=False)
+        return fn
 
     @property
     def tap_keys(self) -> list[str]:
@@ -210,19 +310,22 @@ class GradlabModel(keras.Model):
         "due_step": step of the due outputs or -1, "due": {name: array}}``.
 
         The read (and reset) is one compiled call: reading the variables one by one in eager
-        mode costs several times more per write.
+        mode costs several times more per write. ``count`` is kept in float32: exact for
+        windows of up to 2^24 steps.
         """
         state = self._gradlab_taps[key]
-        fn = state.read_fn(reset)
-        last, total, vmax, vmin, count, due_step, due_values = fn()
-        count, due_step = int(count.numpy()), int(due_step.numpy())
-        last, total, vmax, vmin = last.numpy(), total.numpy(), vmax.numpy(), vmin.numpy()
+        columns, due_step, due_scalars, due_values = self._tap_read_fn(state, reset)()
+        last, total, vmax, vmin = columns.numpy()
+        count, due_step = int(total[-1]), int(due_step.numpy())
         window = {}
         if count:
             for i, name in enumerate(state.window_names):
                 window[name] = {"last": float(last[i]), "mean": float(total[i] / count),
                                 "max": float(vmax[i]), "min": float(vmin[i])}
-        due = {name: value.numpy() for name, value in due_values.items()} if due_step >= 0 else {}
+        due = {}
+        if due_step >= 0:
+            due = dict(zip(state.due_scalar_names, due_scalars.numpy()))
+            due.update((name, value.numpy()) for name, value in due_values.items())
         return {"count": count, "window": window, "due_step": due_step, "due": due}
 
     def peek_tap(self, key: str, name: str, stat: str = "max") -> float:
@@ -235,29 +338,39 @@ class GradlabModel(keras.Model):
         state = self._gradlab_taps[key]
         if stat not in ("last", "max", "min"):
             raise ValueError(f"`stat` ({stat!r}) must be one of last, max, min")
-        index = state.window_names.index(name)
-        return float(getattr(state, stat).value().numpy()[index])
+        index = state.lo + state.window_names.index(name)
+        row = ("last", "sum", "max", "min").index(stat)
+        return float(self._gradlab_window.value().numpy()[row, index])
 
     def _run_taps(self, inputs: TapInputs) -> None:
-        for state in self._gradlab_taps.values():
+        states = list(self._gradlab_taps.values())
+        window = self._gradlab_window
+        if window is not None:
+            # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
+            # into the shared window with one read and one assignment.
+            parts = []
+            for state in states:
+                if state.window_names:
+                    out = state.tap.every_step(inputs)
+                    parts += [tf.cast(tf.reshape(out[n], []), tf.float32) for n in state.window_names]
+                parts.append(tf.constant(1.0))
+            vec = tf.stack(parts)
+            acc = window.value()
+            window.assign(tf.stack([vec, acc[1] + vec, tf.maximum(acc[2], vec), tf.minimum(acc[3], vec)]))
+        for state in states:
             tap = state.tap
-            if tap.every_step and state.window_names:
-                out = tap.every_step(inputs)
-                vec = tf.stack([tf.cast(tf.reshape(out[n], []), tf.float32) for n in state.window_names])
-                state.last.assign(vec)
-                state.sum.assign_add(vec)
-                state.max.assign(tf.maximum(state.max, vec))
-                state.min.assign(tf.minimum(state.min, vec))
-            state.count.assign_add(1)
-            if tap.on_due and state.due:
+            if tap.on_due and (state.due or state.due_scalar_names):
                 def write_due(state=state, tap=tap):
                     out = tap.on_due(inputs)
+                    if state.due_scalar_names:
+                        state.due_scalars.assign(tf.stack([tf.cast(tf.reshape(out[name], []), tf.float32)
+                                                           for name in state.due_scalar_names]))
                     for name, var in state.due.items():
                         var.assign(tf.cast(tf.reshape(out[name], var.shape), tf.float32))
                     state.due_step.assign(inputs.step)
                     return tf.constant(True)
 
-                tf.cond(tf.equal(inputs.step % tap.every, 0), write_due, lambda: tf.constant(False))
+                lazy_cond(tf.equal(inputs.step % tap.every, 0), write_due, lambda: tf.constant(False))
 
     # ---- the step ---------------------------------------------------------------------------
     def train_step(self, data):
@@ -315,7 +428,7 @@ class GradlabModel(keras.Model):
                     b.assign(tf.cast(v, tf.float32))
                 return tf.constant(True)
 
-            tf.cond(due, snapshot, lambda: tf.constant(False))
+            lazy_cond(due, snapshot, lambda: tf.constant(False))
 
         if finite is None:
             optimizer.apply(grads, variables)
@@ -333,12 +446,13 @@ class GradlabModel(keras.Model):
                 optimizer.iterations.assign_add(1)
                 return tf.constant(False)
 
-            tf.cond(finite, apply, skip)
+            lazy_cond(finite, apply, skip)
         self._count_skipped_mixed_precision_step(step)
 
         if inputs is not None:
             if before is not None:
                 inputs.updates = _Updates(variables, before)
+                inputs.weights_before = list(before)
             self._run_taps(inputs)
         return self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
 

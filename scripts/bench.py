@@ -29,6 +29,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -102,25 +103,34 @@ class Variant:
         return statistics.median(self.times)
 
 
+_TMP = tempfile.TemporaryDirectory(prefix="gradlab-bench-")
+
+
+def log_dir(name: str) -> str:
+    """A fresh TensorBoard directory: diagnostics are timed writing their events, as in a run."""
+    return tempfile.mkdtemp(prefix=name + "-", dir=_TMP.name)
+
+
 def default_diagnostics(model, x, y):
     specs = plugins.default_specs()
-    return [plugins.instantiate_diagnostic(plugins.resolve_diagnostic(s.type), s, log_dir=None) for s in specs]
+    path = log_dir("defaults")
+    return [plugins.instantiate_diagnostic(plugins.resolve_diagnostic(s.type), s, log_dir=path) for s in specs]
 
 
 def gradient_stats_every_step(model, x, y):
-    return [GradientStats(log_dir=None, every=1, histogram_every=0)]
+    return [GradientStats(log_dir=log_dir("gradient_stats"), every=1, histogram_every=0)]
 
 
 def curvature_every_100(model, x, y):
-    return [Curvature(every=100, iterations=20)]
+    return [Curvature(log_dir=log_dir("curvature"), every=100, iterations=20)]
 
 
 def curvature_exactly_20(model, x, y):
-    return [Curvature(every=100, iterations=20, tolerance=0.0, warm_start=False)]
+    return [Curvature(log_dir=log_dir("curvature"), every=100, iterations=20, tolerance=0.0, warm_start=False)]
 
 
 def noise_every(n):
-    return lambda model, x, y: [GradientNoise(every=n)]
+    return lambda model, x, y: [GradientNoise(log_dir=log_dir("noise"), every=n)]
 
 
 BLOCKS = {

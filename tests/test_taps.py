@@ -1,0 +1,118 @@
+"""The in-step machinery diagnostics share: histogram buckets, lazy_cond, the shared tap window."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.plugins.histogram import summary_v2 as tb_histogram
+
+from gradlab import events, summaries
+from gradlab.losses import make_loss
+from gradlab.train_step import GradlabModel, Tap, lazy_cond
+
+
+@pytest.mark.parametrize("data", [
+    np.random.default_rng(0).normal(size=(64, 33)),
+    np.random.default_rng(1).integers(-3, 4, size=500).astype(np.float64),  # many ties, edges on values
+    np.full(17, 2.5),                                                            # a single value
+    np.array([1e-30, -1e-30, 0.0]),
+    np.random.default_rng(2).normal(size=5).astype(np.float32),
+])
+def test_histogram_buckets_match_tensorboards_own(data):
+    ours = summaries.histogram_buckets(tf.constant(data)).numpy()
+    theirs = tb_histogram._buckets(tf.constant(data), tf.constant(30)).numpy()
+    np.testing.assert_array_equal(ours[:, 2], theirs[:, 2])
+    np.testing.assert_allclose(ours[:, :2], theirs[:, :2], rtol=1e-12, atol=0)
+    assert ours[:, 2].sum() == data.size
+
+
+def test_histogram_buckets_leave_out_nonfinite_and_handle_empty():
+    data = np.array([0.0, 1.0, np.nan, 2.0, np.inf, -np.inf, 3.0])
+    ours = summaries.histogram_buckets(tf.constant(data), 3).numpy()
+    theirs = tb_histogram._buckets(tf.constant(data[np.isfinite(data)]), tf.constant(3)).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    for empty in (np.zeros([0]), np.array([np.nan, np.inf])):
+        np.testing.assert_array_equal(summaries.histogram_buckets(tf.constant(empty), 4).numpy(), np.zeros([4, 3]))
+
+
+def test_histogram_buckets_compile_with_xla():
+    data = np.random.default_rng(3).normal(size=1000).astype(np.float32)
+    fn = tf.function(lambda t: summaries.histogram_buckets(t, 7), jit_compile=True)
+    np.testing.assert_allclose(fn(tf.constant(data)).numpy(), summaries.histogram_buckets(tf.constant(data), 7).numpy())
+
+
+def test_written_buckets_read_back_as_a_tensorboard_histogram(tmp_path):
+    data = np.random.default_rng(4).normal(size=300)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        summaries.write_histogram_buckets("h/x", summaries.histogram_buckets(tf.constant(data)), step=5)
+    writer.close()
+    assert events.read_tags(tmp_path)["histograms"] == {"h/x"}
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance=events.SIZE_GUIDANCE)
+    acc.Reload()
+    (event,) = acc.Tensors("h/x")
+    buckets = events._tensor_value(event.tensor_proto)
+    assert event.step == 5 and buckets.shape == (30, 3) and buckets[:, 2].sum() == 300
+
+
+def _if_ops(graph) -> list:
+    ops = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    return ops
+
+
+def test_lazy_cond_runs_only_the_taken_branch_and_stays_functional():
+    v = tf.Variable(0.0)
+
+    @tf.function
+    def f(flag):
+        return lazy_cond(flag, lambda: v.assign_add(1.0) * 2.0, lambda: tf.constant(-1.0))
+
+    assert float(f(tf.constant(True))) == 2.0 and float(f(tf.constant(False))) == -1.0
+    assert float(v.numpy()) == 1.0  # the false call did not run the true branch's assignment
+    (op,) = _if_ops(f.get_concrete_function(tf.TensorSpec([], tf.bool)).graph)
+    assert op.get_attr("_lower_using_switch_merge") is False
+    plain = tf.function(lambda flag: tf.cond(flag, lambda: v + 1.0, lambda: v - 1.0))
+    (op,) = _if_ops(plain.get_concrete_function(tf.TensorSpec([], tf.bool)).graph)
+    assert op.get_attr("_lower_using_switch_merge") is True  # what lazy_cond changes
+    xla = tf.function(lambda flag: lazy_cond(flag, lambda: v + 1.0, lambda: v - 1.0), jit_compile=True)
+    assert float(xla(tf.constant(False))) == 0.0
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    logits = keras.layers.Dense(2, name="head")(inputs)
+    model = GradlabModel(inputs, logits)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy", "mean"))
+    return model
+
+
+def test_taps_share_one_window_and_keep_it_when_another_tap_comes_or_goes():
+    model = _model()
+    weights = len(model.weights)
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    y = np.array([0, 1] * 4)
+    model.register_tap("loss", Tap(every_step=lambda inp: {"loss": inp.loss, "step": tf.cast(inp.step, tf.float32)}))
+    model.register_tap("norm", Tap(every_step=lambda inp: {"sq": tf.add_n(inp.squared_norms)}))
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 0..3
+    assert model._gradlab_window.shape == (4, 5)  # (last, sum, max, min) x (loss, step, count, sq, count)
+    assert len(model.weights) == weights  # tap state is not a model weight (save_weights, summaries)
+    loss = model.read_tap("loss")
+    assert loss["count"] == 4
+    assert loss["window"]["step"] == {"last": 3.0, "mean": 1.5, "max": 3.0, "min": 0.0}
+    # the other tap's window was not reset by that read; a third tap keeps it open
+    model.register_tap("extra", Tap(every_step=lambda inp: {"one": tf.constant(1.0)}))
+    model.fit(x[:4], y[:4], batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 4, 5
+    assert model.read_tap("norm")["count"] == 6
+    assert model.read_tap("loss")["window"]["step"]["min"] == 4.0
+    model.remove_tap("loss")
+    assert model._gradlab_window.shape == (4, 4)
+    assert model.read_tap("extra", reset=False)["count"] == 2  # kept through the re-layout
+    model.fit(x[:2], y[:2], batch_size=2, epochs=1, verbose=0, shuffle=False)  # step 6
+    extra = model.read_tap("extra")
+    assert extra["count"] == 3 and extra["window"]["one"]["max"] == 1.0
+    assert model.peek_tap("norm", "sq", "max") > 0
