@@ -193,6 +193,43 @@ def _plan(model, output_softmax: bool) -> list[_Plan]:
     return plans
 
 
+def _dense_chain(model, plans: list[_Plan]) -> bool:
+    """Whether ``model`` is a plain chain of float32 ``Dense`` layers (gradlab's MLPs and classifier).
+
+    Then the probe walks the chain itself, computing each pre-activation once and the activation
+    from it, instead of a forward pass plus a second matmul per layer for the pre-activations
+    (Keras fuses the activation into ``Dense``): half the probe's work.
+    """
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    inputs = list(getattr(model, "inputs", None) or [])
+    if len(inputs) != 1 or len(layers) != len(plans) or not layers:
+        return False
+    previous = inputs[0]
+    for layer, plan in zip(layers, plans):
+        if type(layer) is not keras.layers.Dense or plan.layer is not layer or plan.pre not in ("dense", "output"):
+            return False
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return False
+        if layer.compute_dtype != "float32" or layer.input is not previous:
+            return False
+        previous = layer.output
+    return any(previous is o for o in model.outputs)
+
+
+def _dense_chain_forward(plans: list[_Plan], x) -> list:
+    """``[a_1, z_1, a_2, z_2, ...]`` (activation, pre-activation) along a :func:`_dense_chain`."""
+    values = []
+    h = tf.cast(x, tf.float32)
+    for plan in plans:
+        layer = plan.layer
+        z = tf.tensordot(h, layer.kernel, [[h.shape.rank - 1], [0]])
+        if layer.use_bias:
+            z = z + layer.bias
+        h = layer.activation(z) if plan.pre == "dense" else z
+        values += [h, z]
+    return values
+
+
 @register("activation_saturation")
 class ActivationSaturation(Diagnostic):
     """Per-layer activation saturation, dead units and pre-activation statistics on a probe batch.
@@ -229,6 +266,9 @@ class ActivationSaturation(Diagnostic):
         self._plans: list[_Plan] = []
         self._submodel = None
         self._last_histogram: int | None = None
+        self._variants: dict = {}
+        self._variants_model = None
+        self._tags: dict[str, str] = {}
 
     # ---- set-up
     def on_train_begin(self, logs=None):
@@ -253,6 +293,8 @@ class ActivationSaturation(Diagnostic):
         if not plans:  # subclassed model: only its output
             kind = "softmax" if self.output_softmax else "linear"
             return [_Plan("output", None, kind, "output", self.output_softmax)], None
+        if _dense_chain(model, plans):
+            return plans, None
         tensors = []
         for plan in plans:
             tensors.append(plan.layer.output)
@@ -261,15 +303,39 @@ class ActivationSaturation(Diagnostic):
         return plans, keras.Model(sub_inputs, tensors, name=f"{model.name}_activation_probe")
 
     # ---- probe
-    def probe(self, model, x, y):
-        if self._submodel is None:
-            values = [model(x, training=False)] * 2
-        else:
+    def _run_probe(self, step: int) -> None:
+        # Two compiled probes: with histogram buckets (at histogram steps) and without.
+        hist = self.histogram_every > 0 and (
+            self._last_histogram is None or step // self.histogram_every > self._last_histogram // self.histogram_every)
+        if hist:
+            self._last_histogram = step
+        if self._variants_model is not self._probe_model:  # compiled once per model
+            self._variants, self._variants_model = {}, self._probe_model
+        fn = self._variants.get(hist)
+        if fn is None:
+            model = self._probe_model
+            fn = self._variants[hist] = tf.function(lambda x, y: self.probe(model, x, y, histograms=hist),
+                                                   reduce_retracing=True, autograph=False)
+        x, y = self._probe_batch
+        self.write_probe(step, {k: np.asarray(v) for k, v in fn(x, y).items()})
+        self.flush_scalars()
+
+    def probe(self, model, x, y, histograms: bool | None = None):
+        """The statistics of every planned layer on ``x`` (and histogram buckets when ``histograms``)."""
+        if histograms is None:
+            histograms = self.histogram_every > 0
+        if self._submodel is not None:
             values = self._submodel(x, training=False)
+        elif len(self._plans) and self._plans[0].layer is not None:
+            values = _dense_chain_forward(self._plans, x)
+        else:
+            values = [model(x, training=False)] * 2
         out = {}
         for i, plan in enumerate(self._plans):
             a, inp = values[2 * i], values[2 * i + 1]
-            if plan.pre == "dense":
+            if plan.pre == "dense" and self._submodel is None:
+                pre, inp = inp, None  # the chain forward returned the pre-activation itself
+            elif plan.pre == "dense":
                 kernel = tf.cast(plan.layer.kernel, tf.float32)
                 inp = tf.cast(inp, tf.float32)
                 pre = tf.tensordot(inp, kernel, [[inp.shape.rank - 1], [0]])
@@ -281,19 +347,18 @@ class ActivationSaturation(Diagnostic):
                 pre = None
             for stat, value in activation_stats(a, plan.kind, self.threshold, pre, plan.is_logits).items():
                 out[f"{plan.name}/{stat}"] = value
-            if self.histogram_every:
+            if histograms:
                 out[f"{plan.name}/@histogram"] = summaries.histogram_buckets(a)
         return out
 
     def write_probe(self, step, values):
-        hist_due = self.histogram_every > 0 and (
-            self._last_histogram is None or step // self.histogram_every > self._last_histogram // self.histogram_every)
-        if hist_due:
-            self._last_histogram = step
+        tags = self._tags
         for key, value in values.items():
-            layer, stat = key.rsplit("/", 1)
-            if stat == "@histogram":
-                if hist_due:
-                    self.histogram(summaries.tag("activations", layer), value, step, buckets=None)
-                continue
-            self.scalar(summaries.tag("activations", layer, stat), float(np.asarray(value)), step)
+            tag = tags.get(key)
+            if tag is None:
+                layer, stat = key.rsplit("/", 1)
+                tag = tags[key] = summaries.tag("activations", layer, "" if stat == "@histogram" else stat)
+            if key.endswith("/@histogram"):
+                self.histogram(tag, value, step, buckets=None)
+            else:
+                self.scalar(tag, float(value), step)

@@ -13,7 +13,8 @@ Tags (``<layer>/<variable>`` as in Keras, e.g. ``hidden_1/kernel``):
 
 Math, for a gradient ``g`` with ``n`` entries: ``norm = sqrt(sum g^2)``, ``mean = sum g / n``,
 ``std = sqrt(mean (g - mean)^2)`` (population), ``max_abs = max |g|``,
-``zero_fraction = #{g == 0} / n``. ``update_ratio = ||w_after - w_before|| / ||w_before||`` from
+``zero_fraction = #{g == 0} / n`` (``tf.math.zero_fraction``).
+``update_ratio = ||w_after - w_before|| / ||w_before||`` from
 the update the optimizer actually applied; when ``||w_before|| == 0`` (a zero-initialised
 variable) the denominator is ``||w_after||``, and 0/0 is reported as 0. An empty variable
 (``n == 0``) reports zeros.
@@ -62,7 +63,7 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
         "mean": mean,
         "std": tf.sqrt(2.0 * tf.nn.l2_loss(g - mean) / n),
         "max_abs": max_abs,
-        "zero_fraction": 1.0 - tf.cast(tf.math.count_nonzero(g), tf.float32) / n,
+        "zero_fraction": tf.cast(tf.math.zero_fraction(g), tf.float32),
     }
 
 
@@ -75,10 +76,10 @@ def update_ratio(delta: tf.Tensor, before: tf.Tensor) -> tf.Tensor:
 def weight_update_ratio(before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
     """``||after - before|| / ||before||`` (``/ ||after||`` when ``before`` is zero; 0/0 is 0)."""
     before, after = tf.cast(before, tf.float32), tf.cast(after, tf.float32)
-    d = tf.norm(after - before)
-    b = tf.norm(before)
-    a = tf.norm(after)
-    denom = tf.where(b > 0, b, a)
+    d = tf.sqrt(2.0 * tf.nn.l2_loss(after - before))
+    b = tf.sqrt(2.0 * tf.nn.l2_loss(before))
+    # ||after|| only matters for zero-initialised weights: computed only then.
+    denom = tf.cond(b > 0, lambda: b, lambda: tf.sqrt(2.0 * tf.nn.l2_loss(after)))
     return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
 
 

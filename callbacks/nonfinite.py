@@ -26,9 +26,11 @@ Actions (``action``):
   skipped steps still count as steps, and they do not enter the reported loss.
 * ``warn``: report and go on (the update is applied, so the weights may become NaN).
 
-The check runs after every ``every`` steps (default 1: every execution) and costs one read of
-one accumulator when nothing happened. With a ``LossScaleOptimizer`` (mixed_float16) only the
-loss counts: overflowing scaled gradients are routine there and the optimizer skips them itself.
+The check runs after every ``every`` steps (default 1: every execution). When nothing happened
+it costs no variable read: the window's "a step was bad" maximum comes back with the step's
+results (:meth:`GradlabModel.tap_signal`; with several replicas, one read). With a
+``LossScaleOptimizer`` (mixed_float16) only the loss counts: overflowing scaled gradients are
+routine there and the optimizer skips them itself.
 
 Any other Keras model: the loss in Keras's batch logs (the running mean of the epoch, so it turns
 nonfinite at the first nonfinite step) is checked after every execution, and every
@@ -208,7 +210,7 @@ class NonFiniteGuard(Diagnostic):
             out["bad"] = tf.cast(any_bad, tf.float32)
             return out
 
-        return Tap(every_step=every_step, every=1)
+        return Tap(every_step=every_step, every=1, signal="bad")
 
     def on_train_batch_end(self, batch, logs=None):
         now = self.steps_done(batch)
@@ -226,7 +228,9 @@ class NonFiniteGuard(Diagnostic):
 
     def _check_tap(self, force: bool = False) -> None:
         model = self.model
-        flagged = model.peek_tap(self._tap_key, "bad", "max")
+        flagged = model.tap_signal(self._tap_key)  # free: it came with the execution's results
+        if flagged is None:
+            flagged = model.peek_tap(self._tap_key, "bad", "max")
         if not flagged > 0:
             return
         values = model.read_tap(self._tap_key)

@@ -24,7 +24,7 @@ from gradlab.config import CallbackSpec, DiagnosticSpec, Experiment
 
 DEFAULT_DIAGNOSTICS: tuple[dict, ...] = (
     {"type": "gradient_stats", "every": 10},
-    {"type": "activation_saturation", "every": 50},
+    {"type": "activation_saturation", "every": 100},
     {"type": "nonfinite"},
     {"type": "health"},
 )

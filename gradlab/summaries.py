@@ -136,7 +136,10 @@ def write_scalars(writer, tags, values, steps) -> None:
                                         summary_metadata=serialized)
             return tf.constant(True)
 
-        fn = _scalar_writers[n] = tf.function(write, autograph=False)
+        # A concrete function: called directly, without tf.function's per-call argument matching.
+        fn = _scalar_writers[n] = tf.function(write, autograph=False).get_concrete_function(
+            tf.TensorSpec([], tf.resource), tf.TensorSpec([n], tf.string), tf.TensorSpec([n], tf.float32),
+            tf.TensorSpec([n], tf.int64))
     tags = tuple(tags)
     tag_tensor = _tag_tensors.get(tags)
     if tag_tensor is None:

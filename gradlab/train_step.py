@@ -86,6 +86,10 @@ class Tap:
     on_due: Callable[[TapInputs], Mapping[str, tf.Tensor]] | None = None
     every: int = 1
     needs_updates: bool = False
+    #: An ``every_step`` output whose window max comes back with every execution's results, so
+    #: that :meth:`GradlabModel.tap_signal` can check it with no variable read (e.g. "a
+    #: nonfinite step happened").
+    signal: str | None = None
 
 
 def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
@@ -163,6 +167,7 @@ class _TapState:
         self.tap = tap
         self.window_names = window_names
         self.lo = self.hi = 0
+        self.reset_at = 0  # train-function executions before the last read_tap reset
         # Scalar due outputs live in one vector (one assignment in the step, one tensor to read);
         # the others in a variable each.
         self.due_scalar_names = [name for name, shape in due_specs.items() if shape.rank == 0]
@@ -178,10 +183,12 @@ class _TapState:
 
 
 class _Window:
-    """Holds the shared window variable (a plain object, so Keras does not track it as a model weight)."""
+    """The shared window variable and the last signals (a plain object: Keras does not track it)."""
 
     def __init__(self):
         self.var = None
+        self.signals = None  # (window maxima of the taps' signals, execution index)
+        self.executions = 0  # train-function executions so far
 
 
 def _empty_window(columns: int) -> np.ndarray:
@@ -315,6 +322,8 @@ class GradlabModel(keras.Model):
         """
         state = self._gradlab_taps[key]
         columns, due_step, due_scalars, due_values = self._tap_read_fn(state, reset)()
+        if reset:
+            state.reset_at = self._gradlab_window_holder.executions
         last, total, vmax, vmin = columns.numpy()
         count, due_step = int(total[-1]), int(due_step.numpy())
         window = {}
@@ -342,9 +351,11 @@ class GradlabModel(keras.Model):
         row = ("last", "sum", "max", "min").index(stat)
         return float(self._gradlab_window.value().numpy()[row, index])
 
-    def _run_taps(self, inputs: TapInputs) -> None:
+    def _run_taps(self, inputs: TapInputs):
+        """Run every tap; returns the window maxima of the taps' signals (or None)."""
         states = list(self._gradlab_taps.values())
         window = self._gradlab_window
+        signals = None
         if window is not None:
             # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
             # into the shared window with one read and one assignment.
@@ -356,7 +367,12 @@ class GradlabModel(keras.Model):
                 parts.append(tf.constant(1.0))
             vec = tf.stack(parts)
             acc = window.value()
-            window.assign(tf.stack([vec, acc[1] + vec, tf.maximum(acc[2], vec), tf.minimum(acc[3], vec)]))
+            new = tf.stack([vec, acc[1] + vec, tf.maximum(acc[2], vec), tf.minimum(acc[3], vec)])
+            window.assign(new)
+            columns = [state.lo + state.window_names.index(state.tap.signal)
+                       for state in states if state.tap.signal in state.window_names]
+            if columns:
+                signals = tf.gather(new[2], columns)
         for state in states:
             tap = state.tap
             if tap.on_due and (state.due or state.due_scalar_names):
@@ -371,6 +387,7 @@ class GradlabModel(keras.Model):
                     return tf.constant(True)
 
                 lazy_cond(tf.equal(inputs.step % tap.every, 0), write_due, lambda: tf.constant(False))
+        return signals
 
     # ---- the step ---------------------------------------------------------------------------
     def train_step(self, data):
@@ -449,12 +466,54 @@ class GradlabModel(keras.Model):
             lazy_cond(finite, apply, skip)
         self._count_skipped_mixed_precision_step(step)
 
+        signals = None
         if inputs is not None:
             if before is not None:
                 inputs.updates = _Updates(variables, before)
                 inputs.weights_before = list(before)
-            self._run_taps(inputs)
-        return self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
+            signals = self._run_taps(inputs)
+        logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
+        if signals is not None and replicas == 1:
+            logs = dict(logs, **{_SIGNALS: signals})
+        return logs
+
+    def make_train_function(self, force=False):
+        """Keras's train function, wrapped to take the taps' signals out of the step's results."""
+        super().make_train_function(force)
+        fn = self.train_function
+        if fn is None or getattr(fn, "_gradlab_inner", None) is not None:
+            return fn
+
+        runtime = self._gradlab_window_holder
+
+        def train_function(iterator):
+            logs = fn(iterator)
+            if isinstance(logs, dict) and _SIGNALS in logs:
+                logs = dict(logs)
+                runtime.signals = (logs.pop(_SIGNALS), runtime.executions)
+            runtime.executions += 1
+            return logs
+
+        train_function._gradlab_inner = fn
+        self.train_function = train_function
+        return train_function
+
+    def tap_signal(self, key: str) -> float | None:
+        """The window max of tap ``key``'s ``signal`` after the last execution, or None if unknown.
+
+        It comes with the execution's results (no variable read). None when the tap has no
+        signal, before the first execution, after a :meth:`read_tap` reset not yet followed by
+        an execution, and with several replicas (use :meth:`peek_tap` then).
+        """
+        state = self._gradlab_taps.get(key)
+        signals = self._gradlab_window_holder.signals
+        if state is None or state.tap.signal is None or signals is None:
+            return None
+        values, execution = signals
+        if execution < state.reset_at:
+            return None
+        index = [s for s in self._gradlab_taps.values() if s.tap.signal in s.window_names].index(state)
+        return float(values.numpy()[index])
 
     # ---- tf.distribute ------------------------------------------------------------------------
     def _gradlab_global(self, grads, loss, logits, logits_grad, y):
@@ -540,6 +599,9 @@ class GradlabModel(keras.Model):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             skipped = tf.equal(tf.cast(self.optimizer.iterations, tf.int64), step)
             self.optimizer.iterations.assign_add(tf.cast(skipped, self.optimizer.iterations.dtype))
+
+
+_SIGNALS = "_gradlab_tap_signals"
 
 
 def _is_multi_worker(strategy) -> bool:

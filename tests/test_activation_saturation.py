@@ -192,3 +192,27 @@ def test_needs_a_probe_batch():
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ValueError, match="probe_data"):
         model.fit(np.zeros((4, 2)), np.zeros((4, 2)), verbose=0, callbacks=[ActivationSaturation()])
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_dense_chain_probe_matches_the_submodel_probe(monkeypatch, activation):
+    from gradlab.models import build_model
+    from gradlab.config import ModelConfig
+
+    model = build_model(ModelConfig(kind="mlp", hidden=[7, 5], activation=activation), features=4, classes=3)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32) * 3
+    chain = ActivationSaturation(probe_data=(x, np.zeros(32)))
+    chain.set_model(model)
+    plans, sub = chain._build(model)
+    assert sub is None  # gradlab's MLP is a plain Dense chain: no submodel, no second matmul
+    chain._plans, chain._submodel = plans, sub
+    monkeypatch.setattr(act, "_dense_chain", lambda model, plans: False)
+    other = ActivationSaturation(probe_data=(x, np.zeros(32)))
+    other.set_model(model)
+    other._plans, other._submodel = other._build(model)
+    assert other._submodel is not None
+    a = chain.probe(model, tf.constant(x), None, histograms=True)
+    b = other.probe(model, tf.constant(x), None, histograms=True)
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-5, atol=1e-6, err_msg=key)
