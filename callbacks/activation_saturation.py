@@ -251,7 +251,7 @@ class ActivationSaturation(Diagnostic):
     uses_probe = True
     probe_autograph = False
 
-    def __init__(self, *, log_dir: str | None = None, every: int = 50, threshold: float = 0.1,
+    def __init__(self, *, log_dir: str | None = None, every: int = 100, threshold: float = 0.1,
                  histogram_every: int = 100, output_softmax: bool = True, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
