@@ -58,6 +58,11 @@ class TapInputs:
         updates: ``w_after - w_before`` per variable when a tap asked for them, else ``None``.
         weights_before: the float32 weights before this step's update when a tap asked for
             updates, else ``None`` (``variables`` hold the weights after it).
+        layer_inputs, pre_activation_grads: when a tap asked for them (``needs_layers``) and the
+            model is a :func:`dense_chain` on one device, trained without sample weights: per
+            ``Dense`` layer, its input ``A_l`` (``[B, in]``) and ``d loss / d z_l`` at its
+            pre-activation ``z_l = A_l W_l + b_l`` (``[B, units]``, loss scaling undone);
+            otherwise ``None``.
     """
 
     step: tf.Tensor
@@ -68,6 +73,8 @@ class TapInputs:
     logits_grad: tf.Tensor
     updates: list | None = None
     weights_before: list | None = None
+    layer_inputs: list | None = None
+    pre_activation_grads: list | None = None
 
     @functools.cached_property
     def squared_norms(self) -> list:
@@ -90,6 +97,9 @@ class Tap:
     #: that :meth:`GradlabModel.tap_signal` can check it with no variable read (e.g. "a
     #: nonfinite step happened").
     signal: str | None = None
+    #: Ask for :attr:`TapInputs.layer_inputs` and :attr:`TapInputs.pre_activation_grads` (the
+    #: step then runs the model's Dense chain itself, op for op as ``Dense.call``).
+    needs_layers: bool = False
 
 
 def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
@@ -231,6 +241,13 @@ class GradlabModel(keras.Model):
             logits=tf.zeros([2, out_units]), logits_grad=tf.zeros([2, out_units]),
             updates=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None,
             weights_before=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None)
+        if tap.needs_layers:
+            chain = dense_chain(self)
+            if chain is None:
+                raise ValueError(f"tap {key!r} needs layer inputs, which only a chain of float32 Dense layers "
+                                 "provides (see gradlab.train_step.dense_chain)")
+            probe.layer_inputs = [tf.zeros([2, int(ly.kernel.shape[0])]) for ly in chain]
+            probe.pre_activation_grads = [tf.zeros([2, int(ly.kernel.shape[1])]) for ly in chain]
         window = list(tap.every_step(probe)) if tap.every_step else []
         for name, value in (tap.every_step(probe).items() if tap.every_step else ()):
             if tf.convert_to_tensor(value).shape.rank != 0:
@@ -397,14 +414,22 @@ class GradlabModel(keras.Model):
         if not optimizer.built:  # so the loss scale is a variable the taps can read (first trace only)
             optimizer.build(variables)
         step = tf.cast(optimizer.iterations, tf.int64)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        chain = None
+        if replicas == 1 and sample_weight is None and any(s.tap.needs_layers for s in self._gradlab_taps.values()):
+            chain = dense_chain(self)
+        layer_inputs, pre = None, []
         with tf.GradientTape() as tape:
-            logits = self(x, training=True)
+            if chain is None:
+                logits = self(x, training=True)
+            else:  # the same ops as Dense.call, keeping each layer's input and pre-activation
+                logits, layer_inputs, pre = _chain_forward(chain, x)
             loss = self.compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True)
             scaled_loss = optimizer.scale_loss(loss)
-        grads_and_logits = tape.gradient(scaled_loss, list(variables) + [logits])
-        grads, logits_grad = grads_and_logits[:-1], grads_and_logits[-1]
+        n_vars = len(variables)
+        all_grads = tape.gradient(scaled_loss, list(variables) + [logits] + pre)
+        grads, logits_grad, pre_grads = all_grads[:n_vars], all_grads[n_vars], all_grads[n_vars + 1:]
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         y_metrics = y
         if replicas > 1:
             # One all-reduce, here: the taps, the clipping and the update all see the global gradient.
@@ -415,6 +440,10 @@ class GradlabModel(keras.Model):
 
         if self._gradlab_taps or self.skip_nonfinite_steps:
             inputs = self._tap_inputs(step, unscaled_loss, grads, variables, logits, logits_grad, replicas)
+            if chain is not None:
+                inputs.layer_inputs = layer_inputs
+                inputs.pre_activation_grads = [tf.zeros_like(z) if d is None else self._unscale(d)
+                                               for d, z in zip(pre_grads, pre)]
         else:
             inputs = None
 
@@ -594,6 +623,13 @@ class GradlabModel(keras.Model):
         return TapInputs(step=step, loss=tf.cast(loss, tf.float32), grads=tap_grads, variables=list(variables),
                          logits=tf.cast(logits, tf.float32), logits_grad=logits_grad)
 
+    def _unscale(self, t):
+        """``t`` (a gradient of the scaled loss) as float32, with the loss scaling undone."""
+        t = tf.cast(t, tf.float32)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            t = t / tf.cast(self.optimizer.dynamic_scale, tf.float32)
+        return t
+
     def _count_skipped_mixed_precision_step(self, step) -> None:
         """Keep ``iterations`` counting steps when the loss scaler skipped a non-finite update."""
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
@@ -602,6 +638,48 @@ class GradlabModel(keras.Model):
 
 
 _SIGNALS = "_gradlab_tap_signals"
+
+
+def dense_chain(model) -> list | None:
+    """The model's layers if it is a plain chain of float32 ``keras.layers.Dense`` layers, else None.
+
+    A chain: one input, every layer (but the input layer) exactly ``Dense`` (no subclass, LoRA or
+    quantisation, no activity regulariser), computing in float32, each fed by the previous
+    layer's output, the last one the model's only output. gradlab's models are chains. For a
+    chain the train step can run the forward pass itself (:func:`_chain_forward`) and keep what
+    per-sample statistics need.
+    """
+    inputs = list(getattr(model, "inputs", None) or [])
+    outputs = list(getattr(model, "outputs", None) or [])
+    layers = [ly for ly in getattr(model, "layers", []) if not isinstance(ly, keras.layers.InputLayer)]
+    if len(inputs) != 1 or len(outputs) != 1 or not layers:
+        return None
+    previous = inputs[0]
+    for ly in layers:
+        if type(ly) is not keras.layers.Dense or getattr(ly, "lora_enabled", False) \
+                or getattr(ly.dtype_policy, "quantization_mode", None) or ly.activity_regularizer is not None:
+            return None
+        try:
+            if ly.compute_dtype != "float32" or ly.input is not previous:
+                return None
+        except (AttributeError, ValueError):
+            return None
+        previous = ly.output
+    return layers if previous is outputs[0] else None
+
+
+def _chain_forward(layers, x):
+    """``(output, [A_l], [z_l])`` along a :func:`dense_chain`: ``z = A @ W (+ b)``, ``A_next = act(z)``."""
+    h = tf.cast(tf.nest.flatten(x)[0], tf.float32)
+    inputs, pre = [], []
+    for ly in layers:
+        inputs.append(h)
+        z = tf.matmul(h, ly.kernel)
+        if ly.bias is not None:
+            z = tf.add(z, ly.bias)
+        pre.append(z)
+        h = ly.activation(z) if ly.activation is not None else z
+    return h, inputs, pre
 
 
 def _is_multi_worker(strategy) -> bool:

@@ -197,3 +197,48 @@ def test_options_are_validated(kwargs, message):
     with pytest.raises(ValueError) as err:
         gn.GradientNoise(**kwargs)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("kind,hidden,loss", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_step_source_equals_probe_source_on_the_same_batch(kind, hidden, loss, reduction):
+    """In a gradlab model the statistics come from the training step's own layer inputs and deltas;
+    on the step-0 batch (the probe batch here) they must equal the probe computation."""
+    x, y = _batch(n=12, seed=3)
+    got = {}
+    for source in ("step", "probe"):
+        model = _model(kind, hidden, loss, reduction)
+        cb = gn.GradientNoise(every=1, source=source, probe_data=(x.numpy(), y.numpy()))
+        model.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        assert cb.source_used == source
+        got[source] = {k: v[0] for k, v in observations_for(model).series.items() if k.startswith("noise/")}
+    assert got["step"].keys() == got["probe"].keys() and len(got["step"]) >= 8
+    for key, (step, value) in got["step"].items():
+        assert step == got["probe"][key][0] == 0
+        assert value == pytest.approx(got["probe"][key][1], rel=2e-5, abs=1e-7), key
+
+
+def test_step_source_leaves_training_unchanged():
+    """With the noise tap the step runs the Dense chain itself: same weights as Keras's forward."""
+    x, y = _batch(n=24, seed=4)
+    weights = []
+    for callbacks in ([], [gn.GradientNoise(every=2, source="step")]):
+        model = _model("mlp", (5, 4), "cross_entropy", activation="relu")
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=callbacks)
+        weights.append([w.numpy() for w in model.trainable_variables])
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_step_source_needs_a_gradlab_dense_chain():
+    x, y = _batch()
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(optimizer="sgd", loss=make_loss("cross_entropy"))
+    with pytest.raises(ValueError, match=r"`source` \('step'\) needs a gradlab model"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[gn.GradientNoise(source="step", probe_data=(x, y))])
+    cb = gn.GradientNoise(probe_data=(x, y))  # auto: the probe for a plain Keras model
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.source_used == "probe"
+    with pytest.raises(ValueError, match=r"`source` \('batch'\) must be one of auto, step, probe"):
+        gn.GradientNoise(source="batch")
