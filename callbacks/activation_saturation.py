@@ -194,26 +194,17 @@ def _plan(model, output_softmax: bool) -> list[_Plan]:
 
 
 def _dense_chain(model, plans: list[_Plan]) -> bool:
-    """Whether ``model`` is a plain chain of float32 ``Dense`` layers (gradlab's MLPs and classifier).
+    """Whether ``model`` is a :func:`gradlab.train_step.dense_chain` planned layer for layer.
 
     Then the probe walks the chain itself, computing each pre-activation once and the activation
     from it, instead of a forward pass plus a second matmul per layer for the pre-activations
     (Keras fuses the activation into ``Dense``): half the probe's work.
     """
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    inputs = list(getattr(model, "inputs", None) or [])
-    if len(inputs) != 1 or len(layers) != len(plans) or not layers:
-        return False
-    previous = inputs[0]
-    for layer, plan in zip(layers, plans):
-        if type(layer) is not keras.layers.Dense or plan.layer is not layer or plan.pre not in ("dense", "output"):
-            return False
-        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-            return False
-        if layer.compute_dtype != "float32" or layer.input is not previous:
-            return False
-        previous = layer.output
-    return any(previous is o for o in model.outputs)
+    from gradlab.train_step import dense_chain
+
+    layers = dense_chain(model)
+    return layers is not None and len(layers) == len(plans) and all(
+        plan.layer is layer and plan.pre in ("dense", "output") for layer, plan in zip(layers, plans))
 
 
 def _dense_chain_forward(plans: list[_Plan], x) -> list:

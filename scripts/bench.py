@@ -18,7 +18,11 @@ Blocks:
 3. overhead: gradlab without diagnostics vs the default diagnostics set, and vs gradient_stats
    every step (targets <= 1.03x and <= 1.10x slowdown).
 4. second_order: curvature every 100 steps with 20 power iterations (target <= 1.3x),
-   gradient_noise every step (<= 2x) and every 10 steps (<= 1.15x), on the probe batch of 256.
+   gradient_noise every step (<= 2x) and every 10 steps (<= 1.15x): curvature on the probe batch
+   of 256, gradient_noise from the training step (its default in gradlab runs) and, for
+   comparison, from the probe batch.
+
+Every diagnostic writes its TensorBoard events (to a temporary directory), as in a real run.
 
 Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead]``
 """
@@ -129,8 +133,8 @@ def curvature_exactly_20(model, x, y):
     return [Curvature(log_dir=log_dir("curvature"), every=100, iterations=20, tolerance=0.0, warm_start=False)]
 
 
-def noise_every(n):
-    return lambda model, x, y: [GradientNoise(log_dir=log_dir("noise"), every=n)]
+def noise_every(n, source="auto"):
+    return lambda model, x, y: [GradientNoise(log_dir=log_dir("noise"), every=n, source=source)]
 
 
 BLOCKS = {
@@ -146,7 +150,8 @@ BLOCKS = {
                              Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every_100),
                              Variant("curvature every 100 steps, exactly 20 iter.", callbacks=curvature_exactly_20),
                              Variant("gradient_noise every step", callbacks=noise_every(1)),
-                             Variant("gradient_noise every 10 steps", callbacks=noise_every(10))],
+                             Variant("gradient_noise every 10 steps", callbacks=noise_every(10)),
+                             Variant("gradient_noise every step, probe source", callbacks=noise_every(1, "probe"))],
 }
 
 

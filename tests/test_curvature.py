@@ -285,7 +285,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
             model = build_model(ModelConfig(kind="mlp", hidden=[6]), features=4, classes=3, seed=0)
             model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy"))
         cbs = [Curvature(every=2, iterations=100, tolerance=0.0, probe_data=(x, y)),
-               GradientNoise(every=2, probe_data=(x, y))]
+               GradientNoise(every=2, source="probe", probe_data=(x, y))]  # the same batch on both
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=cbs)
         series = observations_for(model).series
         return {k: v for k, v in series.items()}, str(type(model.trainable_variables[0].value))
