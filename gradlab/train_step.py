@@ -12,7 +12,7 @@ A tap (:class:`Tap`) is a pair of pure tensor functions of :class:`TapInputs`:
   A spike between two writes therefore shows up in the window ``max``, also with
   ``steps_per_execution > 1``.
 * ``on_due(inputs) -> {name: tensor}`` runs only on steps where ``step % every == 0`` (inside a
-  ``tf.cond``); its outputs (any shape) are stored with the step they were computed at.
+  :func:`lazy_cond`); its outputs (any shape) are stored with the step they were computed at.
 
 Both must be XLA-safe: no summary ops, no Python side effects, no variable creation.
 The Python side (a callback) reads the accumulators with :meth:`GradlabModel.read_tap`,
