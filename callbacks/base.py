@@ -188,9 +188,14 @@ class Diagnostic(keras.callbacks.Callback):
     def flush_scalars(self) -> None:
         """Write the queued scalars (see :meth:`scalar`)."""
         pending, self._pending = self._pending, []
-        if pending and self.writer is not None:
-            tags, values, steps = zip(*pending)
-            summaries.write_scalars(self.writer, tags, values, steps)
+        if not pending or self.log_dir is None:
+            return
+        held = self._writer is not None
+        tags, values, steps = zip(*pending)
+        summaries.write_scalars(self.writer, tags, values, steps)
+        if not held:  # queued outside training (after on_train_end): do not keep a writer open
+            summaries.release_writer(self.log_dir)
+            self._writer = None
 
     def histogram(self, tag: str, values, step: int, buckets: int = summaries.HISTOGRAM_BUCKETS) -> None:
         """Write a TensorBoard histogram of ``values`` (see :func:`gradlab.summaries.histogram_buckets`).

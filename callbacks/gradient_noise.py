@@ -392,8 +392,9 @@ class GradientNoise(Diagnostic):
         """Whether the statistics come from the training step (a tap) for ``model`` (see the class doc)."""
         from gradlab.train_step import GradlabModel, dense_chain
 
+        weights = getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
         possible = (isinstance(model, GradlabModel) and self.method in ("auto", "dense")
-                    and model.distribute_strategy.num_replicas_in_sync == 1
+                    and model.distribute_strategy.num_replicas_in_sync == 1 and weights is None
                     and dense_chain(model) is not None and DenseChain.of(model) is not None)
         if self.source == "step" and not possible:
             raise ValueError("`source` ('step') needs a gradlab model that is a chain of float32 Dense layers "
@@ -431,7 +432,9 @@ class GradientNoise(Diagnostic):
                 if b is not None:
                     s1[b] = inp.grads[b] * factor if reuse_grads else tf.reduce_sum(d, 0)
                     s2[b] = tf.reduce_sum(tf.square(d), 0)
-            return noise_statistics(s1, s2, n, groups, theta)
+            stats = noise_statistics(s1, s2, tf.maximum(n, 2), groups, theta)
+            # A batch of one sample (a last, partial batch) has no variance: write nothing.
+            return {k: tf.where(n >= 2, v, tf.constant(np.nan, tf.float32)) for k, v in stats.items()}
 
         return Tap(on_due=on_due, every=self.every, needs_layers=True)
 

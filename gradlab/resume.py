@@ -6,7 +6,7 @@ What a checkpoint holds (``tf.train.Checkpoint`` + ``tf.train.CheckpointManager`
 * ``model`` and ``optimizer`` (weights, slots, ``iterations`` = the global step);
 * ``metrics``: the Keras metric states (the running epoch means), so the epoch a run is resumed
   in reports the same epoch loss and accuracy as an uninterrupted run;
-* ``taps``: the diagnostics' in-step window accumulators, so a window cut by the interruption
+* ``tap_windows``: the diagnostics' in-step window accumulators, so a window cut by the interruption
   is written with the same values;
 * ``data_position``: ``[epoch, batch in epoch, step]``. The batch order is a pure function of
   ``(seed, epoch)`` (:meth:`gradlab.data.Data.train_stream`), so the position is all the data
@@ -27,6 +27,7 @@ rewritten atomically (temp file, fsync, rename), so a crash during the repair lo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -37,6 +38,8 @@ import numpy as np
 
 from gradlab.errors import RunDirError, RunInterrupted, StorageError
 from gradlab.experiment import atomic_replace
+
+log = logging.getLogger("gradlab.resume")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -129,6 +132,10 @@ def flush_writers(callbacks) -> None:
     """Flush gradlab's shared summary writers and those of Keras TensorBoard callbacks."""
     from gradlab import summaries
 
+    for cb in callbacks:  # gradlab diagnostics' queued scalars first
+        flush_scalars = getattr(cb, "flush_scalars", None)
+        if callable(flush_scalars):
+            flush_scalars()
     with summaries._lock:
         writers = [entry[0] for entry in summaries._writers.values()]
     for cb in callbacks:
@@ -164,18 +171,25 @@ class Checkpointer:
             self.position = tf.Variable([0, 0, 0], dtype=tf.int64, trainable=False, name="data_position")
         self._ckpt = None
         self._manager = None
+        self._taps: tuple = ()
 
     def _objects(self, with_taps: bool) -> dict:
         objs = dict(model=self.model, optimizer=self.model.optimizer,
                     metrics=list(self.model.metrics_variables), data_position=self.position)
         if with_taps:
-            objs["taps"] = _tap_variables(self.model)
+            # "tap_windows": the shared window layout of this version (checkpoints of earlier
+            # versions saved "taps"; their windows are not restored, the run goes on with fresh ones).
+            objs["tap_windows"] = _tap_variables(self.model)
         return objs
 
     def manager(self):
         import tensorflow as tf
 
+        taps = tuple(id(v) for v in _tap_variables(self.model))
+        if self._manager is not None and taps != self._taps:  # taps came or went: track the live variables
+            self._manager = None
         if self._manager is None:
+            self._taps = taps
             self._ckpt = tf.train.Checkpoint(**self._objects(with_taps=True))
             self._manager = tf.train.CheckpointManager(self._ckpt, str(self.directory), max_to_keep=self.keep,
                                                        checkpoint_name="ckpt")
@@ -199,8 +213,13 @@ class Checkpointer:
         import tensorflow as tf
 
         variables = _tap_variables(self.model)
-        if variables:
-            tf.train.Checkpoint(taps=variables).restore(path).expect_partial()
+        if not variables:
+            return
+        try:
+            tf.train.Checkpoint(tap_windows=variables).restore(path).expect_partial()
+        except (ValueError, tf.errors.InvalidArgumentError) as e:  # other diagnostics than when saved
+            log.warning("resume: the diagnostics' windows were not restored (%s); they start empty",
+                        str(e).splitlines()[0])
 
     def save(self, step: int, batches_per_epoch: int) -> str:
         epoch, batch = divmod(step, batches_per_epoch)

@@ -113,9 +113,13 @@ def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
     call and the other not at all. Under XLA and in eager mode it is plain ``tf.cond``.
 
     The outputs must be tensors (not ``None``); branches may assign variables.
+
+    With a GPU visible it is plain ``tf.cond``: a functional ``If`` needs its predicate in host
+    memory, a device-to-host copy per step that the lowered form avoids (and on a GPU the
+    executor's visit of dead ops is cheap next to kernel launches).
     """
     out = tf.cond(pred, true_fn, false_fn)
-    if not tf.executing_eagerly():
+    if not tf.executing_eagerly() and not _gpu_visible():
         for t in tf.nest.flatten(out):
             op = t.op
             if op.type == "Identity" and op.inputs:  # cond_v2 wraps the If outputs in Identity ops
@@ -126,6 +130,11 @@ def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
                 op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
                 break
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_visible() -> bool:
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 class _Updates(collections.abc.Sequence):
@@ -249,6 +258,8 @@ class GradlabModel(keras.Model):
             probe.layer_inputs = [tf.zeros([2, int(ly.kernel.shape[0])]) for ly in chain]
             probe.pre_activation_grads = [tf.zeros([2, int(ly.kernel.shape[1])]) for ly in chain]
         window = list(tap.every_step(probe)) if tap.every_step else []
+        if tap.signal is not None and tap.signal not in window:
+            raise ValueError(f"tap {key!r}: signal {tap.signal!r} is not one of its every_step outputs {window}")
         for name, value in (tap.every_step(probe).items() if tap.every_step else ()):
             if tf.convert_to_tensor(value).shape.rank != 0:
                 raise ValueError(f"tap {key!r}: every_step output {name!r} must be a scalar")
@@ -284,6 +295,7 @@ class GradlabModel(keras.Model):
         for lo, old_lo, old_hi in moves:
             initial[:, lo:lo + old_hi - old_lo] = kept[:, old_lo:old_hi]
         self._gradlab_window_holder.var = None
+        self._gradlab_window_holder.signals = None  # laid out for the previous columns
         if columns:
             with self.distribute_strategy.scope():
                 self._gradlab_window_holder.var = tf.Variable(initial, **_ON_READ)
@@ -440,6 +452,7 @@ class GradlabModel(keras.Model):
 
         if self._gradlab_taps or self.skip_nonfinite_steps:
             inputs = self._tap_inputs(step, unscaled_loss, grads, variables, logits, logits_grad, replicas)
+            inputs.squared_norms  # noqa: B018 - computed here, in the step's graph, not first inside a branch
             if chain is not None:
                 inputs.layer_inputs = layer_inputs
                 inputs.pre_activation_grads = [tf.zeros_like(z) if d is None else self._unscale(d)
@@ -492,7 +505,9 @@ class GradlabModel(keras.Model):
                 optimizer.iterations.assign_add(1)
                 return tf.constant(False)
 
-            lazy_cond(finite, apply, skip)
+            # Plain tf.cond: the apply branch is the one taken, and its predicate depends on the
+            # gradients (a functional If would wait on it, and on a GPU copy it to the host).
+            tf.cond(finite, apply, skip)
         self._count_skipped_mixed_precision_step(step)
 
         signals = None
@@ -609,10 +624,8 @@ class GradlabModel(keras.Model):
 
     def _tap_inputs(self, step, loss, grads, variables, logits, logits_grad, replicas) -> TapInputs:
         """Unscale gradients, and with several replicas all-reduce them, for the taps only."""
-        optimizer = self.optimizer
-        inv_scale = None
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            inv_scale = 1.0 / tf.cast(optimizer.dynamic_scale, tf.float32)
+        scale = self._loss_scale()
+        inv_scale = None if scale is None else 1.0 / scale
         tap_grads = [tf.cast(g, tf.float32) for g in grads]
         logits_grad = tf.cast(logits_grad, tf.float32)
         if inv_scale is not None:
@@ -623,12 +636,23 @@ class GradlabModel(keras.Model):
         return TapInputs(step=step, loss=tf.cast(loss, tf.float32), grads=tap_grads, variables=list(variables),
                          logits=tf.cast(logits, tf.float32), logits_grad=logits_grad)
 
+    def _loss_scale(self):
+        """The factor ``optimizer.scale_loss`` multiplies the loss by (float32), or None for 1.
+
+        A ``LossScaleOptimizer`` uses its dynamic scale; any other Keras optimizer its
+        ``loss_scale_factor`` (None by default).
+        """
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return tf.cast(optimizer.dynamic_scale, tf.float32)
+        factor = getattr(optimizer, "loss_scale_factor", None)
+        return None if factor is None else tf.constant(float(factor), tf.float32)
+
     def _unscale(self, t):
         """``t`` (a gradient of the scaled loss) as float32, with the loss scaling undone."""
         t = tf.cast(t, tf.float32)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            t = t / tf.cast(self.optimizer.dynamic_scale, tf.float32)
-        return t
+        scale = self._loss_scale()
+        return t if scale is None else t / scale
 
     def _count_skipped_mixed_precision_step(self, step) -> None:
         """Keep ``iterations`` counting steps when the loss scaler skipped a non-finite update."""
@@ -652,7 +676,7 @@ def dense_chain(model) -> list | None:
     inputs = list(getattr(model, "inputs", None) or [])
     outputs = list(getattr(model, "outputs", None) or [])
     layers = [ly for ly in getattr(model, "layers", []) if not isinstance(ly, keras.layers.InputLayer)]
-    if len(inputs) != 1 or len(outputs) != 1 or not layers:
+    if len(inputs) != 1 or len(outputs) != 1 or not layers or len(inputs[0].shape) != 2:
         return None
     previous = inputs[0]
     for ly in layers:

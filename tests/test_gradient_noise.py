@@ -242,3 +242,11 @@ def test_step_source_needs_a_gradlab_dense_chain():
     assert cb.source_used == "probe"
     with pytest.raises(ValueError, match=r"`source` \('batch'\) must be one of auto, step, probe"):
         gn.GradientNoise(source="batch")
+
+
+def test_step_source_writes_nothing_for_a_one_sample_batch():
+    x, y = _batch(n=13, seed=5)
+    model = _model("mlp", (5,), "cross_entropy")
+    cb = gn.GradientNoise(every=1, source="step")
+    model.fit(x, y, batch_size=12, epochs=1, verbose=0, shuffle=False, callbacks=[cb])  # steps 0 (12), 1 (1)
+    assert [s for s, _ in observations_for(model).series["noise/gsnr"]] == [0]

@@ -116,3 +116,31 @@ def test_taps_share_one_window_and_keep_it_when_another_tap_comes_or_goes():
     extra = model.read_tap("extra")
     assert extra["count"] == 3 and extra["window"]["one"]["max"] == 1.0
     assert model.peek_tap("norm", "sq", "max") > 0
+
+
+def test_signal_must_be_an_every_step_output_and_goes_stale_on_relayout():
+    model = _model()
+    with pytest.raises(ValueError, match="signal 'nope' is not one of its every_step outputs"):
+        model.register_tap("bad", Tap(every_step=lambda inp: {"a": inp.loss}, signal="nope"))
+    model.register_tap("flag", Tap(every_step=lambda inp: {"a": tf.constant(1.0)}, signal="a"))
+    x = np.zeros((4, 3), np.float32)
+    model.fit(x, np.zeros(4), batch_size=2, epochs=1, verbose=0)
+    assert model.tap_signal("flag") == 1.0
+    model.register_tap("other", Tap(every_step=lambda inp: {"b": tf.constant(2.0)}, signal="b"))
+    assert model.tap_signal("flag") is None and model.tap_signal("other") is None  # old layout: unknown
+    model.fit(x, np.zeros(4), batch_size=2, epochs=1, verbose=0)
+    assert (model.tap_signal("flag"), model.tap_signal("other")) == (1.0, 2.0)
+
+
+def test_taps_see_gradients_with_the_loss_scale_factor_undone():
+    x = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    y = np.array([0, 1, 0, 1])
+    norms = []
+    for factor in (None, 64.0):
+        model = _model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=factor),
+                      loss=make_loss("cross_entropy", "mean"))
+        model.register_tap("n", Tap(every_step=lambda inp: {"sq": tf.add_n(inp.squared_norms)}))
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        norms.append(model.read_tap("n")["window"]["sq"]["last"])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
