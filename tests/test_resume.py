@@ -132,3 +132,40 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, monkeypatch):
         np.testing.assert_allclose([v for _, v in s_run[tag]], [v for _, v in s_ref[tag]], rtol=0, atol=0,
                                    err_msg=tag)
     assert [s for s, _ in s_ref["epoch_loss"]] == list(range(6))
+
+
+def test_tap_windows_from_other_diagnostics_are_not_restored_and_training_goes_on(tmp_path, caplog):
+    """A checkpoint saved with other taps (or by an earlier gradlab) restores everything else;
+    the windows start empty, with a warning, instead of failing the resume."""
+    import keras
+
+    from gradlab.losses import make_loss
+    from gradlab.resume import Checkpointer
+    from gradlab.train_step import GradlabModel, Tap
+
+    def model_with(taps):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        model = GradlabModel(inputs, keras.layers.Dense(2, name="head")(inputs))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy", "mean"))
+        for name, outputs in taps.items():
+            model.register_tap(name, Tap(every_step=lambda inp, outputs=outputs: {o: inp.loss for o in outputs}))
+        return model
+
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    y = np.array([0, 1, 0, 1])
+    saved = model_with({"a": ["l1", "l2", "l3"]})
+    saved.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    path = Checkpointer(saved, tmp_path / "ckpt", keep=1).save(step=2, batches_per_epoch=2)
+
+    other = model_with({"b": ["l1"]})
+    ckpt = Checkpointer(other, tmp_path / "ckpt", keep=1)
+    ckpt.restore(path)
+    with caplog.at_level("WARNING", logger="gradlab.resume"):
+        ckpt.restore_taps(path)
+    assert "windows were not restored" in caplog.text
+    for a, b in zip(saved.trainable_variables, other.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert other.read_tap("b")["count"] == 0
+    other.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert other.read_tap("b")["count"] == 2 and int(other.optimizer.iterations.numpy()) == 4
