@@ -209,16 +209,11 @@ def _dense_chain(model, plans: list[_Plan]) -> bool:
 
 def _dense_chain_forward(plans: list[_Plan], x) -> list:
     """``[a_1, z_1, a_2, z_2, ...]`` (activation, pre-activation) along a :func:`_dense_chain`."""
-    values = []
-    h = tf.cast(x, tf.float32)
-    for plan in plans:
-        layer = plan.layer
-        z = tf.tensordot(h, layer.kernel, [[h.shape.rank - 1], [0]])
-        if layer.use_bias:
-            z = z + layer.bias
-        h = layer.activation(z) if plan.pre == "dense" else z
-        values += [h, z]
-    return values
+    from gradlab.train_step import _chain_forward
+
+    out, inputs, pre = _chain_forward([plan.layer for plan in plans], x)
+    activations = inputs[1:] + [out]
+    return [t for a, z in zip(activations, pre) for t in (a, z)]
 
 
 @register("activation_saturation")
@@ -257,8 +252,6 @@ class ActivationSaturation(Diagnostic):
         self._plans: list[_Plan] = []
         self._submodel = None
         self._last_histogram: int | None = None
-        self._variants: dict = {}
-        self._variants_model = None
         self._tags: dict[str, str] = {}
 
     # ---- set-up
@@ -294,22 +287,13 @@ class ActivationSaturation(Diagnostic):
         return plans, keras.Model(sub_inputs, tensors, name=f"{model.name}_activation_probe")
 
     # ---- probe
-    def _run_probe(self, step: int) -> None:
-        # Two compiled probes: with histogram buckets (at histogram steps) and without.
+    def probe_options(self, step: int) -> dict:
+        # Histogram buckets only at histogram steps (the base class compiles each variant once).
         hist = self.histogram_every > 0 and (
             self._last_histogram is None or step // self.histogram_every > self._last_histogram // self.histogram_every)
         if hist:
             self._last_histogram = step
-        if self._variants_model is not self._probe_model:  # compiled once per model
-            self._variants, self._variants_model = {}, self._probe_model
-        fn = self._variants.get(hist)
-        if fn is None:
-            model = self._probe_model
-            fn = self._variants[hist] = tf.function(lambda x, y: self.probe(model, x, y, histograms=hist),
-                                                   reduce_retracing=True, autograph=False)
-        x, y = self._probe_batch
-        self.write_probe(step, {k: np.asarray(v) for k, v in fn(x, y).items()})
-        self.flush_scalars()
+        return {"histograms": hist}
 
     def probe(self, model, x, y, histograms: bool | None = None):
         """The statistics of every planned layer on ``x`` (and histogram buckets when ``histograms``)."""

@@ -143,6 +143,7 @@ class Diagnostic(keras.callbacks.Callback):
         self._tap_key: str | None = None
         self._probe_fn = None
         self._probe_model = None
+        self._probe_fns: dict = {}
         self._probe_batch = None
         self._epoch_start_step: int | None = None
         self._last_step = 0
@@ -165,6 +166,11 @@ class Diagnostic(keras.callbacks.Callback):
     def wants_probe(self, model) -> bool:
         """Whether the probe channel runs for this model (default: when :attr:`uses_probe`)."""
         return self.uses_probe
+
+    def probe_options(self, step: int) -> dict:
+        """Keyword arguments for :meth:`probe` at ``step`` (default none). Each distinct set of
+        options is compiled once, e.g. ``{"histograms": True}`` only at histogram steps."""
+        return {}
 
     # ---- helpers for subclasses ---------------------------------------------------------------
     @property
@@ -269,9 +275,8 @@ class Diagnostic(keras.callbacks.Callback):
         if self.wants_probe(model):
             self._probe_batch = self.probe_batch()
             if self._probe_fn is None or self._probe_model is not model:  # compiled once per model
-                self._probe_model = model
-                self._probe_fn = tf.function(lambda x, y: self.probe(self._probe_model, x, y),
-                                             reduce_retracing=True, autograph=self.probe_autograph)
+                self._probe_model, self._probe_fns = model, {}
+                self._probe_fn = self._compiled_probe({})
             if self._last_step % self.every == 0:
                 self._run_probe(self._last_step)
 
@@ -299,9 +304,19 @@ class Diagnostic(keras.callbacks.Callback):
             model.remove_tap(f"{type(self).__name__}@{id(self)}")
         self._tap_key = None
 
+    def _compiled_probe(self, options: dict):
+        """:meth:`probe` with ``options``, compiled once per model and set of options."""
+        key = tuple(sorted(options.items()))
+        fn = self._probe_fns.get(key)
+        if fn is None:
+            model = self._probe_model
+            fn = self._probe_fns[key] = tf.function(lambda x, y: self.probe(model, x, y, **options),
+                                                    reduce_retracing=True, autograph=self.probe_autograph)
+        return fn
+
     def _run_probe(self, step: int) -> None:
         x, y = self._probe_batch
-        out = self._probe_fn(x, y)
+        out = self._compiled_probe(self.probe_options(step))(x, y)
         self.write_probe(step, {k: np.asarray(v) for k, v in out.items()})
         self.flush_scalars()
 

@@ -34,6 +34,7 @@ as a step, so TensorBoard steps never repeat.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import functools
 from typing import Callable, Mapping
@@ -157,21 +158,19 @@ class _Updates(collections.abc.Sequence):
         return tf.cast(self.variables[i], tf.float32) - self.before[i]
 
 
-class _Snapshot:
-    """Float32 copies of the trainable variables taken before an update (plain object: untracked)."""
-
-    def __init__(self, variables):
-        agg = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.values = [tf.Variable(tf.zeros(v.shape, tf.float32), **agg) for v in variables]
-
-
 _ON_READ = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 # ON_READ: each replica updates its own copy with no cross-replica sync (the tap values are
 # computed from the global gradient, identical on every replica; an ON_WRITE assignment would
 # need a merge_call, which the due-step branches cannot contain); reads and checkpoints take
 # the first replica's copy.
+
+
+class _Snapshot:
+    """Float32 copies of the trainable variables taken before an update (plain object: untracked)."""
+
+    def __init__(self, variables):
+        self.values = [tf.Variable(tf.zeros(v.shape, tf.float32), **_ON_READ) for v in variables]
 
 
 class _TapState:
@@ -257,36 +256,36 @@ class GradlabModel(keras.Model):
                                  "provides (see gradlab.train_step.dense_chain)")
             probe.layer_inputs = [tf.zeros([2, int(ly.kernel.shape[0])]) for ly in chain]
             probe.pre_activation_grads = [tf.zeros([2, int(ly.kernel.shape[1])]) for ly in chain]
-        window = list(tap.every_step(probe)) if tap.every_step else []
+        every_step = dict(tap.every_step(probe)) if tap.every_step else {}
+        window = list(every_step)
         if tap.signal is not None and tap.signal not in window:
             raise ValueError(f"tap {key!r}: signal {tap.signal!r} is not one of its every_step outputs {window}")
-        for name, value in (tap.every_step(probe).items() if tap.every_step else ()):
+        for name, value in every_step.items():
             if tf.convert_to_tensor(value).shape.rank != 0:
                 raise ValueError(f"tap {key!r}: every_step output {name!r} must be a scalar")
         due = {name: tf.convert_to_tensor(v).shape for name, v in (tap.on_due(probe).items() if tap.on_due else ())}
         strategy = self.distribute_strategy
         with strategy.scope():
-            old = self._gradlab_taps.pop(key, None)
+            self._gradlab_taps.pop(key, None)  # a replaced tap starts a new window
             self._gradlab_taps[key] = _TapState(tap, window, due)
             if tap.needs_updates and getattr(self, "_gradlab_snapshot", None) is None:
                 self._gradlab_snapshot = _Snapshot(variables)
-        self._layout_window(dropped=old)
+        self._layout_window()
         self.train_function = None  # retrace with the new tap
 
     def remove_tap(self, key: str) -> None:
         """Remove the tap ``key`` if present."""
-        old = self._gradlab_taps.pop(key, None)
-        if old is not None:
-            self._layout_window(dropped=old)
+        if self._gradlab_taps.pop(key, None) is not None:
+            self._layout_window()
             self.train_function = None
 
-    def _layout_window(self, dropped: _TapState | None = None) -> None:
+    def _layout_window(self) -> None:
         """(Re)build the shared window variable for the current taps, keeping open windows."""
         previous = self._gradlab_window
         kept = previous.numpy() if previous is not None else None
         columns, moves = 0, []
         for state in self._gradlab_taps.values():
-            if kept is not None and state.hi > state.lo and state is not dropped and state.hi <= kept.shape[1]:
+            if kept is not None and state.hi > state.lo:  # laid out before: keep its open window
                 moves.append((columns, state.lo, state.hi))
             state.lo, state.hi = columns, columns + state.width
             state._read_fns.clear()  # they captured the previous variable
@@ -406,7 +405,9 @@ class GradlabModel(keras.Model):
             tap = state.tap
             if tap.on_due and (state.due or state.due_scalar_names):
                 def write_due(state=state, tap=tap):
-                    out = tap.on_due(inputs)
+                    # A shallow copy: what the branch computes first (e.g. squared_norms) is cached
+                    # on the copy, never on the step's inputs, whose tensors live outside the branch.
+                    out = tap.on_due(copy.copy(inputs))
                     if state.due_scalar_names:
                         state.due_scalars.assign(tf.stack([tf.cast(tf.reshape(out[name], []), tf.float32)
                                                            for name in state.due_scalar_names]))
@@ -452,7 +453,6 @@ class GradlabModel(keras.Model):
 
         if self._gradlab_taps or self.skip_nonfinite_steps:
             inputs = self._tap_inputs(step, unscaled_loss, grads, variables, logits, logits_grad, replicas)
-            inputs.squared_norms  # noqa: B018 - computed here, in the step's graph, not first inside a branch
             if chain is not None:
                 inputs.layer_inputs = layer_inputs
                 inputs.pre_activation_grads = [tf.zeros_like(z) if d is None else self._unscale(d)
@@ -624,13 +624,8 @@ class GradlabModel(keras.Model):
 
     def _tap_inputs(self, step, loss, grads, variables, logits, logits_grad, replicas) -> TapInputs:
         """Unscale gradients, and with several replicas all-reduce them, for the taps only."""
-        scale = self._loss_scale()
-        inv_scale = None if scale is None else 1.0 / scale
-        tap_grads = [tf.cast(g, tf.float32) for g in grads]
-        logits_grad = tf.cast(logits_grad, tf.float32)
-        if inv_scale is not None:
-            tap_grads = [g * inv_scale for g in tap_grads]
-            logits_grad = logits_grad * inv_scale
+        tap_grads = [self._unscale(g) for g in grads]
+        logits_grad = self._unscale(logits_grad)
         # With replicas > 1 the step passes the global (all-reduced) gradient and loss and the
         # gathered logits already (GradlabModel._gradlab_global).
         return TapInputs(step=step, loss=tf.cast(loss, tf.float32), grads=tap_grads, variables=list(variables),
