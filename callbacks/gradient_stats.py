@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from gradlab import summaries
 from gradlab.callbacks.base import Diagnostic, register
-from gradlab.train_step import Tap, lazy_cond
+from gradlab.train_step import Tap, TapVector, lazy_cond
 
 STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
 
@@ -122,12 +122,15 @@ class GradientStats(Diagnostic):
         layers = sorted({layer for layer, _ in names})
         hist = self.histogram_every > 0
 
+        layer_of = tf.constant([layers.index(layer) for layer, _ in names], tf.int32)
+        window_names = ["global_norm", *(f"{layer}/layer_norm" for layer in layers), "logits/norm"]
+
         def every_step(inp):
-            sq = inp.squared_norms
-            out = {"global_norm": tf.sqrt(tf.add_n(sq)), "logits/norm": tf.norm(inp.logits_grad)}
-            for layer in layers:
-                out[f"{layer}/layer_norm"] = tf.sqrt(tf.add_n([s for s, (ly, _) in zip(sq, names) if ly == layer]))
-            return out
+            # A handful of ops for all layers (one segment sum), not a few per layer.
+            layer_sq = tf.math.unsorted_segment_sum(inp.squared_norm_vector, layer_of, len(layers))
+            logits_sq = 2.0 * tf.nn.l2_loss(tf.cast(inp.logits_grad, tf.float32))
+            squares = tf.concat([[tf.reduce_sum(layer_sq)], layer_sq, [logits_sq]], 0)
+            return TapVector(window_names, tf.sqrt(squares))
 
         def on_due(inp):
             out = {"@logits/norm": tf.norm(inp.logits_grad)}

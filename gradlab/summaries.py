@@ -102,51 +102,70 @@ def acquire_writer(log_dir: str):
         return entry[0]
 
 
-_scalar_writers: dict[int, object] = {}  # number of scalars -> compiled writer
-_tag_tensors: dict[tuple, object] = {}  # tag tuple -> string tensor
+_value_heads: dict[str, bytes] = {}  # tag -> serialized Summary.Value without its tensor
+_SCALAR_TENSOR_HEAD = b"\x42\x0a\x08\x01\x12\x00\x2a\x04"  # tensor{dtype: DT_FLOAT, shape: [], float_val: (4 bytes)}
+
+
+def scalar_summary(tags, values) -> bytes:
+    """A serialized ``Summary`` with one float32 scalar per tag: what ``tf.summary.scalar`` writes
+    (the value as a scalar ``DT_FLOAT`` tensor, the scalar plugin's metadata), for many tags at once.
+
+    Each ``Summary.Value`` is its cached ``tag`` + ``metadata`` bytes followed by the ``tensor``
+    field (field 8): ``dtype`` DT_FLOAT, an empty ``tensor_shape`` and one packed ``float_val``.
+    Protocol buffers accept fields in any order, so the concatenation is a valid message.
+    """
+    import struct
+
+    parts = []
+    for t, v in zip(tags, values):
+        head = _value_heads.get(t)
+        if head is None:
+            from tensorboard.compat.proto import summary_pb2
+            from tensorboard.plugins.scalar import metadata
+
+            if len(_value_heads) > 65536:
+                _value_heads.clear()
+            meta = metadata.create_summary_metadata(display_name=None, description=None)
+            head = _value_heads[t] = summary_pb2.Summary.Value(tag=t, metadata=meta).SerializeToString()
+        body = head + _SCALAR_TENSOR_HEAD + struct.pack("<f", v)
+        parts.append(b"\x0a" + _varint(len(body)) + body)  # Summary.value (field 1)
+    return b"".join(parts)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def write_scalars(writer, tags, values, steps) -> None:
-    """Write ``values[i]`` as scalar ``tags[i]`` at ``steps[i]`` with ``writer``, in one compiled call.
+    """Write ``values[i]`` as scalar ``tags[i]`` at ``steps[i]`` with ``writer``.
 
-    ``tf.summary.scalar`` in eager mode costs ~0.1 ms a value, and gradient_stats writes ~50
-    values per write. Here one ``tf.function`` per *number* of values writes them all: the tags,
-    values, steps and the writer's resource handle are its arguments, so it is traced once per
-    process however many writers, runs and tag sets there are. The events are what
-    ``tf.summary.scalar`` writes (a float32 tensor with the scalar plugin's metadata).
+    ``tf.summary.scalar`` costs ~0.1 ms a value in eager mode, and gradient_stats writes ~50
+    values per write. Here the values of one step go out as one serialized ``Summary``
+    (:func:`scalar_summary`: the events ``tf.summary.scalar`` would write) in one
+    ``WriteRawProtoSummary`` op, so a write costs one op per distinct step, whatever the number
+    of values.
     """
     import tensorflow as tf
 
     handle = getattr(writer, "_resource", None)
-    if handle is None:  # a writer without a resource handle: write one by one
+    if handle is None:  # a writer without a resource handle (no-op writer): write one by one
         with writer.as_default():
             for t, v, s in zip(tags, values, steps):
                 tf.summary.scalar(t, float(v), step=int(s))
         return
-    n = len(tags)
-    fn = _scalar_writers.get(n)
-    if fn is None:
-        from tensorboard.plugins.scalar import metadata
-
-        serialized = metadata.create_summary_metadata(display_name=None, description=None).SerializeToString()
-
-        def write(handle, tags, values, steps):
-            for i in range(n):
-                tf.raw_ops.WriteSummary(writer=handle, step=steps[i], tensor=values[i], tag=tags[i],
-                                        summary_metadata=serialized)
-            return tf.constant(True)
-
-        # A concrete function: called directly, without tf.function's per-call argument matching.
-        fn = _scalar_writers[n] = tf.function(write, autograph=False).get_concrete_function(
-            tf.TensorSpec([], tf.resource), tf.TensorSpec([n], tf.string), tf.TensorSpec([n], tf.float32),
-            tf.TensorSpec([n], tf.int64))
-    tags = tuple(tags)
-    tag_tensor = _tag_tensors.get(tags)
-    if tag_tensor is None:
-        if len(_tag_tensors) > 256:
-            _tag_tensors.clear()
-        tag_tensor = _tag_tensors[tags] = tf.constant(tags, tf.string)
-    fn(handle, tag_tensor, tf.constant(values, tf.float32), tf.constant(steps, tf.int64))
+    by_step: dict[int, tuple[list, list]] = {}
+    for t, v, s in zip(tags, values, steps):
+        group = by_step.setdefault(int(s), ([], []))
+        group[0].append(t)
+        group[1].append(float(v))
+    for step, (group_tags, group_values) in by_step.items():
+        tf.raw_ops.WriteRawProtoSummary(writer=handle, step=tf.constant(step, tf.int64),
+                                        tensor=tf.constant(scalar_summary(group_tags, group_values)))
 
 
 def release_writer(log_dir: str) -> None:

@@ -7,7 +7,7 @@ graph, runs the registered taps on the real gradients.
 
 A tap (:class:`Tap`) is a pair of pure tensor functions of :class:`TapInputs`:
 
-* ``every_step(inputs) -> {name: scalar}`` runs on every step. Each scalar is kept in
+* ``every_step(inputs) -> {name: scalar}`` (or a :class:`TapVector`) runs on every step. Each scalar is kept in
   accumulators over the *window* since the last read: ``last``, ``mean``, ``max`` and ``min``.
   A spike between two writes therefore shows up in the window ``max``, also with
   ``steps_per_execution > 1``.
@@ -78,12 +78,41 @@ class TapInputs:
     pre_activation_grads: list | None = None
 
     @functools.cached_property
-    def squared_norms(self) -> list:
-        """``sum(g^2)`` per gradient, computed once per step and shared by every tap.
+    def squared_norm_vector(self) -> tf.Tensor:
+        """``[sum(g_i^2)]`` over the gradients (float32 ``[len(grads)]``), computed once per step and
+        shared by every tap.
 
-        ``2 * tf.nn.l2_loss(g)``: one fused pass, no ``g^2`` temporary.
+        ``2 * tf.nn.l2_loss(g)``: one fused pass per gradient, no ``g^2`` temporary.
         """
-        return [2.0 * tf.nn.l2_loss(g) for g in self.grads]
+        return 2.0 * tf.stack([tf.nn.l2_loss(g) for g in self.grads])
+
+    @functools.cached_property
+    def squared_norms(self) -> list:
+        """:attr:`squared_norm_vector` as a list of scalars."""
+        return tf.unstack(self.squared_norm_vector, num=len(self.grads))
+
+
+class TapVector(collections.abc.Mapping):
+    """``every_step`` outputs given as one float32 vector: output ``names[i]`` is ``vector[i]``.
+
+    Return one from :attr:`Tap.every_step` instead of a dict of scalars to fold many values
+    into the window with no op per value (on a CPU each small op costs a few microseconds a step).
+    """
+
+    def __init__(self, names, vector):
+        self.names = list(names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"TapVector: names must be unique, got {self.names}")
+        self.vector = vector
+
+    def __getitem__(self, name):
+        return self.vector[self.names.index(name)]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,13 +285,18 @@ class GradlabModel(keras.Model):
                                  "provides (see gradlab.train_step.dense_chain)")
             probe.layer_inputs = [tf.zeros([2, int(ly.kernel.shape[0])]) for ly in chain]
             probe.pre_activation_grads = [tf.zeros([2, int(ly.kernel.shape[1])]) for ly in chain]
-        every_step = dict(tap.every_step(probe)) if tap.every_step else {}
+        every_step = tap.every_step(probe) if tap.every_step else {}
         window = list(every_step)
         if tap.signal is not None and tap.signal not in window:
             raise ValueError(f"tap {key!r}: signal {tap.signal!r} is not one of its every_step outputs {window}")
-        for name, value in every_step.items():
-            if tf.convert_to_tensor(value).shape.rank != 0:
-                raise ValueError(f"tap {key!r}: every_step output {name!r} must be a scalar")
+        if isinstance(every_step, TapVector):
+            shape = tf.convert_to_tensor(every_step.vector).shape
+            if shape.rank != 1 or shape[0] != len(window):
+                raise ValueError(f"tap {key!r}: its TapVector has {len(window)} names but a vector of shape {shape}")
+        else:
+            for name, value in every_step.items():
+                if tf.convert_to_tensor(value).shape.rank != 0:
+                    raise ValueError(f"tap {key!r}: every_step output {name!r} must be a scalar")
         due = {name: tf.convert_to_tensor(v).shape for name, v in (tap.on_due(probe).items() if tap.on_due else ())}
         strategy = self.distribute_strategy
         with strategy.scope():
@@ -387,13 +421,25 @@ class GradlabModel(keras.Model):
         if window is not None:
             # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
             # into the shared window with one read and one assignment.
-            parts = []
+            pieces, scalars = [], []
             for state in states:
                 if state.window_names:
                     out = state.tap.every_step(inputs)
-                    parts += [tf.cast(tf.reshape(out[n], []), tf.float32) for n in state.window_names]
-                parts.append(tf.constant(1.0))
-            vec = tf.stack(parts)
+                    if isinstance(out, TapVector):
+                        if scalars:
+                            pieces.append(tf.stack(scalars))
+                            scalars = []
+                        vector = tf.cast(out.vector, tf.float32)
+                        if out.names != state.window_names:  # not the names it registered with
+                            vector = tf.stack([vector[out.names.index(n)] for n in state.window_names])
+                        pieces.append(vector)
+                    else:
+                        for n in state.window_names:
+                            value = tf.cast(out[n], tf.float32)
+                            scalars.append(value if value.shape.rank == 0 else tf.reshape(value, []))
+                scalars.append(tf.constant(1.0))
+            pieces.append(tf.stack(scalars))
+            vec = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
             acc = window.value()
             new = tf.stack([vec, acc[1] + vec, tf.maximum(acc[2], vec), tf.minimum(acc[3], vec)])
             window.assign(new)
@@ -466,8 +512,7 @@ class GradlabModel(keras.Model):
             # With a LossScaleOptimizer, overflowing (scaled) gradients are routine: the optimizer
             # skips them and lowers its scale, so it must see them. Only the loss decides here.
             if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                for sq in inputs.squared_norms:
-                    finite = tf.logical_and(finite, tf.math.is_finite(sq))
+                finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
 
         batch = tf.shape(tf.nest.flatten(x)[0])[0] if replicas == 1 else batch_weight
         if finite is None:

@@ -10,7 +10,7 @@ from tensorboard.plugins.histogram import summary_v2 as tb_histogram
 
 from gradlab import events, summaries
 from gradlab.losses import make_loss
-from gradlab.train_step import GradlabModel, Tap, lazy_cond
+from gradlab.train_step import GradlabModel, Tap, TapVector, lazy_cond
 
 
 @pytest.mark.parametrize("data", [
@@ -57,6 +57,57 @@ def test_written_buckets_read_back_as_a_tensorboard_histogram(tmp_path):
     (event,) = acc.Tensors("h/x")
     buckets = events._tensor_value(event.tensor_proto)
     assert event.step == 5 and buckets.shape == (30, 3) and buckets[:, 2].sum() == 300
+
+
+def test_write_scalars_writes_what_tf_summary_scalar_writes(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tags = [f"g/layer_{i}/kernel/norm" for i in range(40)] + ["nan", "inf", "neg"]
+    values = list(np.random.default_rng(0).normal(size=40) * 1e4) + [np.nan, -np.inf, -0.5]
+    steps = [3] * 20 + [7] * 23  # two steps: two raw writes
+    ours, reference = tmp_path / "ours", tmp_path / "reference"
+    writer = summaries.acquire_writer(str(ours))
+    summaries.write_scalars(writer, tags, values, steps)
+    summaries.release_writer(str(ours))
+    writer = tf.summary.create_file_writer(str(reference))
+    with writer.as_default():
+        for t, v, s in zip(tags, values, steps):
+            tf.summary.scalar(t, v, step=s)
+    writer.close()
+    read = []
+    for path in (ours, reference):
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance=events.SIZE_GUIDANCE)
+        acc.Reload()
+        assert sorted(acc.Tags()["tensors"]) == sorted(tags)
+        assert all(acc.SummaryMetadata(t).plugin_data.plugin_name == "scalars" for t in tags)
+        read.append({t: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(t)] for t in tags})
+    assert read[0].keys() == read[1].keys()
+    for t in tags:
+        (step, ours_value), = read[0][t]
+        (ref_step, ref_value), = read[1][t]
+        assert step == ref_step
+        np.testing.assert_array_equal(np.float32(ours_value), np.float32(ref_value))
+    assert set(events.read_tags(ours)["scalars"]) == set(tags)
+
+
+def test_tap_vector_outputs_fold_like_scalars_and_are_checked():
+    model = _model()
+    x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+    y = np.array([0, 1] * 4)
+    with pytest.raises(ValueError, match="2 names but a vector of shape"):
+        model.register_tap("bad", Tap(every_step=lambda inp: TapVector(["a", "b"], tf.zeros([3]))))
+    with pytest.raises(ValueError, match="names must be unique"):
+        TapVector(["a", "a"], tf.zeros([2]))
+    model.register_tap("scalars", Tap(every_step=lambda inp: {"step": tf.cast(inp.step, tf.float32), "sq": tf.add_n(inp.squared_norms)}))
+    model.register_tap("vector", Tap(every_step=lambda inp: TapVector(
+        ["step", "sq"], tf.stack([tf.cast(inp.step, tf.float32), tf.reduce_sum(inp.squared_norm_vector)])), signal="step"))
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 0..3
+    assert model.tap_signal("vector") == 3.0
+    scalars, vector = model.read_tap("scalars"), model.read_tap("vector")
+    assert vector["count"] == scalars["count"] == 4
+    assert vector["window"]["step"] == {"last": 3.0, "mean": 1.5, "max": 3.0, "min": 0.0}
+    for stat in ("last", "mean", "max", "min"):
+        np.testing.assert_allclose(vector["window"]["sq"][stat], scalars["window"]["sq"][stat], rtol=1e-6)
 
 
 def _if_ops(graph) -> list:
