@@ -6,7 +6,9 @@ two channels:
 * **tap** (in the step, gradlab models only): override :meth:`Diagnostic.make_tap` to return a
   :class:`gradlab.train_step.Tap` of pure tensor functions; the compiled train step runs it on
   the real gradients and keeps window accumulators. :meth:`Diagnostic.write_tap` receives what
-  :meth:`GradlabModel.read_tap` returns when the schedule is due.
+  :meth:`GradlabModel.read_due` returns when the schedule is due (the due step's outputs and the
+  window of steps since the previous due step), and at the end of training the steps after the
+  last due step.
 * **probe** (outside the step, any Keras model): override :meth:`Diagnostic.probe`, a pure
   tensor function of ``(model, x, y)`` returning ``{name: tensor}``. The base class compiles it
   once with ``tf.function`` and runs it on a fixed probe batch at step 0 and whenever the
@@ -139,7 +141,9 @@ class Diagnostic(keras.callbacks.Callback):
             raise ValueError("`probe_data` must be a pair (x, y)")
         self.probe_data = probe_data
         self._writer = None
+        self._in_fit = False  # between Keras's set_model (at the start of fit) and on_train_end
         self._pending: list[tuple[str, float, int]] = []
+        self._pending_histograms: list[tuple[str, np.ndarray, int]] = []
         self._tap_key: str | None = None
         self._probe_fn = None
         self._probe_model = None
@@ -154,7 +158,9 @@ class Diagnostic(keras.callbacks.Callback):
         return None
 
     def write_tap(self, step: int, values: dict) -> None:
-        """Write what the tap accumulated; ``values`` is :meth:`GradlabModel.read_tap`'s result."""
+        """Write what the tap accumulated: :meth:`GradlabModel.read_due`'s result at due steps
+        (the due outputs and the window since the previous due step), :meth:`GradlabModel.read_tap`'s
+        at the end of training (the steps after the last due step)."""
 
     def probe(self, model, x, y) -> dict:
         """Pure tensor function on the probe batch; return ``{name: tensor}``."""
@@ -183,7 +189,7 @@ class Diagnostic(keras.callbacks.Callback):
         """Write one scalar (if there is a log_dir) and publish it to the model's observations.
 
         The value is published at once; the event is queued and written with the others of the
-        same hook in one compiled call (:meth:`flush_scalars`, which the base class runs at the
+        same hook in one op (:meth:`flush_scalars`, which the base class runs at the
         end of its hooks: call it yourself when you write from a hook of your own that does not
         call ``super()``).
         """
@@ -192,13 +198,13 @@ class Diagnostic(keras.callbacks.Callback):
             self._pending.append((tag, float(value), int(step)))
 
     def flush_scalars(self) -> None:
-        """Write the queued scalars (see :meth:`scalar`)."""
+        """Write the queued scalars and histograms (see :meth:`scalar`)."""
         pending, self._pending = self._pending, []
-        if not pending or self.log_dir is None:
+        histograms, self._pending_histograms = self._pending_histograms, []
+        if (not pending and not histograms) or self.log_dir is None:
             return
-        held = self._writer is not None
-        tags, values, steps = zip(*pending)
-        summaries.write_scalars(self.writer, tags, values, steps)
+        held = self._writer is not None or self._in_fit  # in fit: kept open until on_train_end
+        summaries.write_events(self.writer, pending, histograms)
         if not held:  # queued outside training (after on_train_end): do not keep a writer open
             summaries.release_writer(self.log_dir)
             self._writer = None
@@ -207,13 +213,12 @@ class Diagnostic(keras.callbacks.Callback):
         """Write a TensorBoard histogram of ``values`` (see :func:`gradlab.summaries.histogram_buckets`).
 
         ``values`` may also be buckets computed already (in a tap or probe): a ``[k, 3]`` array
-        passed with ``buckets=None``.
+        passed with ``buckets=None``. Queued and written with the scalars (:meth:`flush_scalars`).
         """
-        if self.writer is not None:
+        if self.log_dir is not None:
             if buckets is not None:
                 values = summaries.histogram_buckets(values, buckets)
-            with self.writer.as_default():
-                summaries.write_histogram_buckets(tag, values, int(step))
+            self._pending_histograms.append((tag, np.asarray(values, np.float64), int(step)))
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         if self.writer is not None:
@@ -256,6 +261,10 @@ class Diagnostic(keras.callbacks.Callback):
                 tf.convert_to_tensor(np.asarray(y)[: self.probe_size]))
 
     # ---- Keras hooks: schedule and dispatch ---------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        self._in_fit = True  # Keras calls this when fit starts (whatever a subclass's on_train_begin does)
+
     def on_train_begin(self, logs=None):
         self._last_step = self.current_step()
         self._epoch_start_step = None
@@ -289,12 +298,12 @@ class Diagnostic(keras.callbacks.Callback):
         if self._tap_key is not None:
             last_due = ((now - 1) // every) * every
             if last_due >= prev:  # a due step in [prev, now)
-                values = self.model.read_tap(self._tap_key)
+                values = self.model.read_due(self._tap_key)
                 step = values["due_step"] if values["due_step"] >= 0 else last_due
                 self.write_tap(step, values)
         if self._probe_fn is not None and (now // every) * every > prev:  # a due step in (prev, now]
             self._run_probe(now)
-        if self._pending:
+        if self._pending or self._pending_histograms:
             self.flush_scalars()
 
     def detach(self) -> None:
@@ -330,6 +339,7 @@ class Diagnostic(keras.callbacks.Callback):
             # The tap stays attached, so another fit with this callback does not retrace the step;
             # detach() removes it.
         self.flush_scalars()
+        self._in_fit = False
         if self._writer is not None:
             summaries.release_writer(self.log_dir)
             self._writer = None

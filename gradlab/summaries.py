@@ -102,37 +102,59 @@ def acquire_writer(log_dir: str):
         return entry[0]
 
 
-_value_heads: dict[str, bytes] = {}  # tag -> serialized Summary.Value without its tensor
+_value_heads: dict[tuple[str, str], bytes] = {}  # (plugin, tag) -> serialized Summary.Value without its tensor
 _SCALAR_TENSOR_HEAD = b"\x42\x0a\x08\x01\x12\x00\x2a\x04"  # tensor{dtype: DT_FLOAT, shape: [], float_val: (4 bytes)}
 
 
-def scalar_summary(tags, values) -> bytes:
-    """A serialized ``Summary`` with one float32 scalar per tag: what ``tf.summary.scalar`` writes
-    (the value as a scalar ``DT_FLOAT`` tensor, the scalar plugin's metadata), for many tags at once.
+def _value_head(plugin: str, tag: str) -> bytes:
+    """``Summary.Value(tag=tag, metadata=<plugin's metadata>)`` serialized, cached per tag."""
+    head = _value_heads.get((plugin, tag))
+    if head is None:
+        from tensorboard.compat.proto import summary_pb2
 
-    Each ``Summary.Value`` is its cached ``tag`` + ``metadata`` bytes followed by the ``tensor``
-    field (field 8): ``dtype`` DT_FLOAT, an empty ``tensor_shape`` and one packed ``float_val``.
-    Protocol buffers accept fields in any order, so the concatenation is a valid message.
+        if plugin == "scalars":
+            from tensorboard.plugins.scalar import metadata
+        else:
+            from tensorboard.plugins.histogram import metadata
+        if len(_value_heads) > 65536:
+            _value_heads.clear()
+        meta = metadata.create_summary_metadata(display_name=None, description=None)
+        head = _value_heads[(plugin, tag)] = summary_pb2.Summary.Value(tag=tag, metadata=meta).SerializeToString()
+    return head
+
+
+def scalar_value(tag: str, value: float) -> bytes:
+    """One ``Summary.value`` entry (field 1, length-delimited) as ``tf.summary.scalar`` writes it:
+    the scalar plugin's metadata and a scalar ``DT_FLOAT`` tensor.
+
+    The bytes are the cached ``tag`` + ``metadata`` fields followed by the ``tensor`` field
+    (field 8: ``dtype`` DT_FLOAT, an empty ``tensor_shape``, one packed ``float_val``). Protocol
+    buffers accept fields in any order, so the concatenation is a valid message, and
+    concatenated entries are a valid ``Summary``.
     """
     import struct
 
-    parts = []
-    for t, v in zip(tags, values):
-        head = _value_heads.get(t)
-        if head is None:
-            from tensorboard.compat.proto import summary_pb2
-            from tensorboard.plugins.scalar import metadata
+    body = _value_head("scalars", tag) + _SCALAR_TENSOR_HEAD + struct.pack("<f", value)
+    return b"\x0a" + _varint(len(body)) + body
 
-            if len(_value_heads) > 65536:
-                _value_heads.clear()
-            meta = metadata.create_summary_metadata(display_name=None, description=None)
-            head = _value_heads[t] = summary_pb2.Summary.Value(tag=t, metadata=meta).SerializeToString()
-        body = head + _SCALAR_TENSOR_HEAD + struct.pack("<f", v)
-        parts.append(b"\x0a" + _varint(len(body)) + body)  # Summary.value (field 1)
-    return b"".join(parts)
+
+def histogram_value(tag: str, buckets) -> bytes:
+    """One ``Summary.value`` entry for precomputed :func:`histogram_buckets` (``[k, 3]``): what
+    :func:`write_histogram_buckets` writes (a ``DT_DOUBLE`` tensor, the histogram plugin's metadata)."""
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    array = np.ascontiguousarray(np.asarray(buckets, dtype="<f8"))
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_DOUBLE, tensor_content=array.tobytes(),
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape])).SerializeToString()
+    body = _value_head("histograms", tag) + b"\x42" + _varint(len(tensor)) + tensor
+    return b"\x0a" + _varint(len(body)) + body
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -141,31 +163,39 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def write_scalars(writer, tags, values, steps) -> None:
-    """Write ``values[i]`` as scalar ``tags[i]`` at ``steps[i]`` with ``writer``.
+def write_events(writer, scalars=(), histograms=()) -> None:
+    """Write ``scalars`` (``(tag, value, step)``) and ``histograms`` (``(tag, buckets, step)``,
+    precomputed :func:`histogram_buckets`) with ``writer``.
 
-    ``tf.summary.scalar`` costs ~0.1 ms a value in eager mode, and gradient_stats writes ~50
-    values per write. Here the values of one step go out as one serialized ``Summary``
-    (:func:`scalar_summary`: the events ``tf.summary.scalar`` would write) in one
-    ``WriteRawProtoSummary`` op, so a write costs one op per distinct step, whatever the number
-    of values.
+    ``tf.summary.scalar`` costs ~0.1 ms a value in eager mode and gradient_stats writes ~50
+    values per write. Here everything of one step goes out as one serialized ``Summary``
+    (the events ``tf.summary.scalar`` / :func:`write_histogram_buckets` would write; see
+    :func:`scalar_value`) in one ``WriteRawProtoSummary`` op: one op per distinct step, whatever
+    the number of values.
     """
     import tensorflow as tf
 
     handle = getattr(writer, "_resource", None)
     if handle is None:  # a writer without a resource handle (no-op writer): write one by one
         with writer.as_default():
-            for t, v, s in zip(tags, values, steps):
+            for t, v, s in scalars:
                 tf.summary.scalar(t, float(v), step=int(s))
+            for t, b, s in histograms:
+                write_histogram_buckets(t, b, int(s))
         return
-    by_step: dict[int, tuple[list, list]] = {}
-    for t, v, s in zip(tags, values, steps):
-        group = by_step.setdefault(int(s), ([], []))
-        group[0].append(t)
-        group[1].append(float(v))
-    for step, (group_tags, group_values) in by_step.items():
+    by_step: dict[int, list] = {}
+    for t, v, s in scalars:
+        by_step.setdefault(int(s), []).append(scalar_value(t, float(v)))
+    for t, b, s in histograms:
+        by_step.setdefault(int(s), []).append(histogram_value(t, b))
+    for step, parts in by_step.items():
         tf.raw_ops.WriteRawProtoSummary(writer=handle, step=tf.constant(step, tf.int64),
-                                        tensor=tf.constant(scalar_summary(group_tags, group_values)))
+                                        tensor=tf.constant(b"".join(parts)))
+
+
+def write_scalars(writer, tags, values, steps) -> None:
+    """Write ``values[i]`` as scalar ``tags[i]`` at ``steps[i]`` (:func:`write_events`)."""
+    write_events(writer, scalars=zip(tags, values, steps))
 
 
 def release_writer(log_dir: str) -> None:

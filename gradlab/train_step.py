@@ -222,7 +222,13 @@ class _TapState:
         self.due = {name: tf.Variable(tf.zeros(shape), **_ON_READ)
                     for name, shape in due_specs.items() if shape.rank != 0}
         self.due_step = tf.Variable(-1, dtype=tf.int64, **_ON_READ)
-        self._read_fns: dict[bool, Callable] = {}
+        # A tap with due outputs gets its window captured (and restarted) at its due steps, in
+        # the step itself: the window written with the due outputs is exactly the steps since the
+        # previous due step, also with steps_per_execution > 1.
+        self.has_due = bool(tap.on_due) and bool(due_specs)
+        self.captured = tf.Variable(_empty_window(self.width), **_ON_READ) if self.has_due else None
+        self.consumed = -1  # the last due step handed to Python (read_due / read_tap)
+        self._read_fns: dict = {}
 
     @property
     def width(self) -> int:
@@ -235,6 +241,7 @@ class _Window:
     def __init__(self):
         self.var = None
         self.signals = None  # (window maxima of the taps' signals, execution index)
+        self.due = None  # ({tap key: (due_step, due_scalars, captured window, {name: due value})}, execution index)
         self.executions = 0  # train-function executions so far
 
 
@@ -329,6 +336,7 @@ class GradlabModel(keras.Model):
             initial[:, lo:lo + old_hi - old_lo] = kept[:, old_lo:old_hi]
         self._gradlab_window_holder.var = None
         self._gradlab_window_holder.signals = None  # laid out for the previous columns
+        self._gradlab_window_holder.due = None
         if columns:
             with self.distribute_strategy.scope():
                 self._gradlab_window_holder.var = tf.Variable(initial, **_ON_READ)
@@ -343,8 +351,20 @@ class GradlabModel(keras.Model):
         out = [self._gradlab_window] if self._gradlab_window is not None else []
         for state in self._gradlab_taps.values():
             out += [state.due_step, state.due_scalars]
+            out += [state.captured] if state.captured is not None else []
             out += [state.due[name] for name in sorted(state.due)]
         return out
+
+    def _tap_due_fn(self, state: _TapState):
+        """A compiled function returning a tap's due outputs and the window captured with them."""
+        fn = state._read_fns.get("due")
+        if fn is None:
+            def read():
+                return (tf.identity(state.due_step), tf.identity(state.due_scalars), tf.identity(state.captured),
+                        {name: tf.identity(var) for name, var in state.due.items()})
+
+            fn = state._read_fns["due"] = tf.function(read, autograph=False)
+        return fn
 
     def _tap_read_fn(self, state: _TapState, reset: bool):
         """A compiled function returning a tap's window columns and due outputs (and resetting its window)."""
@@ -373,10 +393,13 @@ class GradlabModel(keras.Model):
         return list(self._gradlab_taps)
 
     def read_tap(self, key: str, reset: bool = True) -> dict:
-        """Read a tap's accumulators (numpy) and, by default, start a new window.
+        """Read a tap's live window (numpy) and, by default, start a new one.
 
         Returns ``{"count": steps in window, "window": {name: {last, mean, max, min}},
-        "due_step": step of the due outputs or -1, "due": {name: array}}``.
+        "due_step": step of the due outputs or -1, "due": {name: array}}``. For a tap with due
+        outputs, ``due`` holds the last due step's outputs if :meth:`read_due` has not handed
+        them out yet (else it is empty and ``due_step`` -1), and the window is the steps after
+        that due step.
 
         The read (and reset) is one compiled call: reading the variables one by one in eager
         mode costs several times more per write. ``count`` is kept in float32: exact for
@@ -384,10 +407,42 @@ class GradlabModel(keras.Model):
         """
         state = self._gradlab_taps[key]
         columns, due_step, due_scalars, due_values = self._tap_read_fn(state, reset)()
+        due_step = int(due_step.numpy())
+        if due_step <= state.consumed:
+            due_step = -1
+        values = self._tap_values(state, columns.numpy(), due_step, due_scalars, due_values)
         if reset:
             state.reset_at = self._gradlab_window_holder.executions
-        last, total, vmax, vmin = columns.numpy()
-        count, due_step = int(total[-1]), int(due_step.numpy())
+            state.consumed = -1  # the step reset its due outputs too
+        return values
+
+    def read_due(self, key: str) -> dict:
+        """The outputs of tap ``key``'s last due step with the window captured at that step.
+
+        Same layout as :meth:`read_tap`; the window is the steps after the previous due step up
+        to and including this one. Each due step is handed out once: a second call (or one with
+        no due step since) returns ``count`` 0, no window and ``due_step`` -1. With one replica
+        the values come with the execution's results (no variable read); a tap without due
+        outputs is read (and reset) with :meth:`read_tap`.
+        """
+        state = self._gradlab_taps[key]
+        if not state.has_due:
+            return self.read_tap(key)
+        returned = self._gradlab_window_holder.due
+        if returned is not None and returned[1] >= state.reset_at and key in returned[0]:
+            due_step, due_scalars, captured, due_values = returned[0][key]
+        else:
+            due_step, due_scalars, captured, due_values = self._tap_due_fn(state)()
+        due_step = int(due_step.numpy())
+        if due_step < 0 or due_step <= state.consumed:
+            return {"count": 0, "window": {}, "due_step": -1, "due": {}}
+        state.consumed = due_step
+        return self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values)
+
+    @staticmethod
+    def _tap_values(state: _TapState, columns, due_step: int, due_scalars, due_values) -> dict:
+        last, total, vmax, vmin = columns
+        count = int(total[-1])
         window = {}
         if count:
             for i, name in enumerate(state.window_names):
@@ -413,11 +468,13 @@ class GradlabModel(keras.Model):
         row = ("last", "sum", "max", "min").index(stat)
         return float(self._gradlab_window.value().numpy()[row, index])
 
-    def _run_taps(self, inputs: TapInputs):
-        """Run every tap; returns the window maxima of the taps' signals (or None)."""
+    def _run_taps(self, inputs: TapInputs, return_due: bool):
+        """Run every tap; returns the window maxima of the taps' signals (or None) and, with
+        ``return_due``, each due tap's ``(due_step, due_scalars, captured window, {name: value})``."""
         states = list(self._gradlab_taps.values())
         window = self._gradlab_window
-        signals = None
+        signals = new = None
+        due_now = {id(state): tf.equal(inputs.step % state.tap.every, 0) for state in states if state.has_due}
         if window is not None:
             # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
             # into the shared window with one read and one assignment.
@@ -442,14 +499,20 @@ class GradlabModel(keras.Model):
             vec = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
             acc = window.value()
             new = tf.stack([vec, acc[1] + vec, tf.maximum(acc[2], vec), tf.minimum(acc[3], vec)])
-            window.assign(new)
+            stored = new
+            if due_now:  # a due tap's window is captured below and restarts (its `last` row survives)
+                flags = tf.concat([tf.fill([s.width], due_now[id(s)]) if s.has_due else tf.zeros([s.width], tf.bool)
+                                   for s in states], 0)
+                restart = tf.logical_and(tf.constant([[False], [True], [True], [True]]), flags[tf.newaxis, :])
+                stored = tf.where(restart, tf.constant(_empty_window(int(new.shape[1]))), new)
+            window.assign(stored)
             columns = [state.lo + state.window_names.index(state.tap.signal)
                        for state in states if state.tap.signal in state.window_names]
             if columns:
                 signals = tf.gather(new[2], columns)
         for state in states:
             tap = state.tap
-            if tap.on_due and (state.due or state.due_scalar_names):
+            if state.has_due:
                 def write_due(state=state, tap=tap):
                     # A shallow copy: what the branch computes first (e.g. squared_norms) is cached
                     # on the copy, never on the step's inputs, whose tensors live outside the branch.
@@ -460,10 +523,16 @@ class GradlabModel(keras.Model):
                     for name, var in state.due.items():
                         var.assign(tf.cast(tf.reshape(out[name], var.shape), tf.float32))
                     state.due_step.assign(inputs.step)
+                    state.captured.assign(new[:, state.lo:state.hi])
                     return tf.constant(True)
 
-                lazy_cond(tf.equal(inputs.step % tap.every, 0), write_due, lambda: tf.constant(False))
-        return signals
+                lazy_cond(due_now[id(state)], write_due, lambda: tf.constant(False))
+        due = None
+        if return_due:  # read after the assignments above (automatic control dependencies)
+            due = {key: (state.due_step.value(), state.due_scalars.value(), state.captured.value(),
+                         {name: var.value() for name, var in state.due.items()})
+                   for key, state in self._gradlab_taps.items() if state.has_due} or None
+        return signals, due
 
     # ---- the step ---------------------------------------------------------------------------
     def train_step(self, data):
@@ -555,19 +624,22 @@ class GradlabModel(keras.Model):
             tf.cond(finite, apply, skip)
         self._count_skipped_mixed_precision_step(step)
 
-        signals = None
+        signals = due = None
         if inputs is not None:
             if before is not None:
                 inputs.updates = _Updates(variables, before)
                 inputs.weights_before = list(before)
-            signals = self._run_taps(inputs)
+            signals, due = self._run_taps(inputs, return_due=replicas == 1)
         logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
-        if signals is not None and replicas == 1:
-            logs = dict(logs, **{_SIGNALS: signals})
+        if replicas == 1:  # with several replicas Keras would reduce them: they are read from the variables
+            if signals is not None:
+                logs = dict(logs, **{_SIGNALS: signals})
+            if due is not None:
+                logs = dict(logs, **{_DUE: due})
         return logs
 
     def make_train_function(self, force=False):
-        """Keras's train function, wrapped to take the taps' signals out of the step's results."""
+        """Keras's train function, wrapped to take the taps' signals and due outputs out of the step's results."""
         super().make_train_function(force)
         fn = self.train_function
         if fn is None or getattr(fn, "_gradlab_inner", None) is not None:
@@ -577,9 +649,12 @@ class GradlabModel(keras.Model):
 
         def train_function(iterator):
             logs = fn(iterator)
-            if isinstance(logs, dict) and _SIGNALS in logs:
+            if isinstance(logs, dict) and (_SIGNALS in logs or _DUE in logs):
                 logs = dict(logs)
-                runtime.signals = (logs.pop(_SIGNALS), runtime.executions)
+                if _SIGNALS in logs:
+                    runtime.signals = (logs.pop(_SIGNALS), runtime.executions)
+                if _DUE in logs:
+                    runtime.due = (logs.pop(_DUE), runtime.executions)
             runtime.executions += 1
             return logs
 
@@ -702,6 +777,7 @@ class GradlabModel(keras.Model):
 
 
 _SIGNALS = "_gradlab_tap_signals"
+_DUE = "_gradlab_tap_due"
 
 
 def dense_chain(model) -> list | None:

@@ -110,6 +110,37 @@ def test_tap_vector_outputs_fold_like_scalars_and_are_checked():
         np.testing.assert_allclose(vector["window"]["sq"][stat], scalars["window"]["sq"][stat], rtol=1e-6)
 
 
+def test_write_events_histograms_read_back_like_write_histogram_buckets(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    data = np.random.default_rng(5).normal(size=(3, 200))
+    buckets = [summaries.histogram_buckets(tf.constant(d), 7 + i).numpy() for i, d in enumerate(data)]
+    ours, reference = tmp_path / "ours", tmp_path / "reference"
+    writer = summaries.acquire_writer(str(ours))
+    summaries.write_events(writer, scalars=[("s", 2.5, 4)],
+                           histograms=[(f"h/{i}", b, 4 + i) for i, b in enumerate(buckets)])
+    summaries.release_writer(str(ours))
+    writer = tf.summary.create_file_writer(str(reference))
+    with writer.as_default():
+        tf.summary.scalar("s", 2.5, step=4)
+        for i, b in enumerate(buckets):
+            summaries.write_histogram_buckets(f"h/{i}", b, step=4 + i)
+    writer.close()
+    read = []
+    for path in (ours, reference):
+        assert events.read_tags(path)["histograms"] == {"h/0", "h/1", "h/2"}
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance=events.SIZE_GUIDANCE)
+        acc.Reload()
+        read.append({t: [(e.step, events._tensor_value(e.tensor_proto)) for e in acc.Tensors(t)]
+                     for t in ("h/0", "h/1", "h/2", "s")})
+    for tag in read[1]:
+        (step, value), = read[0][tag]
+        (ref_step, ref_value), = read[1][tag]
+        assert step == ref_step
+        np.testing.assert_array_equal(value, ref_value)
+    assert read[0]["h/2"][0][1].shape == (9, 3)
+
+
 def _if_ops(graph) -> list:
     ops = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
     return ops
@@ -195,3 +226,37 @@ def test_taps_see_gradients_with_the_loss_scale_factor_undone():
         model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
         norms.append(model.read_tap("n")["window"]["sq"]["last"])
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+
+
+def test_due_window_is_captured_in_the_step_and_handed_out_once():
+    """every 5 with steps_per_execution 3: executions end at steps 2, 5, 8, 11; due steps 0, 5, 10."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = GradlabModel(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy", "mean"), steps_per_execution=3)
+    step = lambda inp: tf.cast(inp.step, tf.float32)  # noqa: E731
+    model.register_tap("t", Tap(every_step=lambda inp: {"step": step(inp)},
+                                on_due=lambda inp: {"twice": 2.0 * step(inp)}, every=5))
+    x = np.random.default_rng(0).normal(size=(24, 3)).astype(np.float32)
+    model.fit(x, np.arange(24) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 0..11
+    holder, state = model._gradlab_window_holder, model._gradlab_taps["t"]
+    returned = holder.due
+    assert returned is not None  # one replica: the due values came with the execution's results
+
+    def due_read():
+        values = model.read_due("t")
+        return values["due_step"], values["count"], values["window"], {k: float(v) for k, v in values["due"].items()}
+
+    first = due_read()
+    # window: steps 6..10 (the previous due step's window ended at 5), though the execution ran on to 11
+    assert first == (10, 5, {"step": {"last": 10.0, "mean": 8.0, "max": 10.0, "min": 6.0}}, {"twice": 20.0})
+    assert due_read() == (-1, 0, {}, {})  # handed out once
+    # without the returned values (several replicas): read from the variables, the same
+    holder.due, state.consumed = None, -1
+    assert due_read() == first
+    holder.due, state.consumed = returned, -1
+    assert due_read() == first
+    tail = model.read_tap("t")  # the end of training: the steps after the last due step, no due outputs again
+    assert (tail["due_step"], tail["count"], tail["window"]["step"]["min"], tail["due"]) == (-1, 1, 11.0, {})
+    model.fit(x[:4], np.arange(4) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 12, 13: none due
+    assert due_read() == (-1, 0, {}, {})
