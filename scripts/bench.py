@@ -30,6 +30,7 @@ Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block s
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -92,6 +93,10 @@ class Variant:
         self.model.fit(self.ds.take(max(4, 2 * self.spe)), epochs=1, verbose=0, callbacks=self.cbs)
 
     def time_epoch(self, samples):
+        # Each timing is a separate fit(), whose set-up objects pile up between timings and trigger
+        # full (generation-2) garbage collections of ~250 ms at random points of random variants;
+        # in one long fit there are none (measured). Collect before the clock starts.
+        gc.collect()
         start, cpu = time.perf_counter(), time.process_time()
         self.model.fit(self.ds, epochs=1, verbose=0, callbacks=self.cbs)
         elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu
