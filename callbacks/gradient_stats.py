@@ -42,8 +42,10 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
     """``norm, mean, std, max_abs, zero_fraction`` of one gradient (see the module docstring).
 
     ``squared_norm``: ``sum(g^2)`` when the caller has it already (the step computes it for
-    every gradient). ``std`` is the two-pass ``sqrt(sum((g - mean)^2) / n)``, exact also when
-    ``|mean| >> std``; ``max_abs`` is ``max(max g, -min g)`` (no ``|g|`` temporary).
+    every gradient). ``std`` is ``sqrt(sum(g^2)/n - mean^2)`` from sums the step has anyway when
+    that is well conditioned (``mean^2 <= E[g^2] / 2``: the subtraction loses at most one bit,
+    the usual case for gradients), else the two-pass ``sqrt(sum((g - mean)^2) / n)``, exact also
+    when ``|mean| >> std``; ``max_abs`` is ``max(max g, -min g)`` (no ``|g|`` temporary).
     """
     g = tf.cast(tf.reshape(g, [-1]), tf.float32)
     size = g.shape.num_elements()
@@ -58,10 +60,15 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
         max_abs = tf.reduce_max(tf.concat([tf.abs(g), [0.0]], 0))
     else:
         max_abs = tf.maximum(tf.reduce_max(g), -tf.reduce_min(g))
+    squared_norm = tf.cast(squared_norm, tf.float32)
+    mean_square = squared_norm / n
+    one_pass = tf.logical_and(tf.math.is_finite(mean_square), mean * mean <= 0.5 * mean_square)
+    std = tf.cond(one_pass, lambda: tf.sqrt(tf.maximum(mean_square - mean * mean, 0.0)),
+                  lambda: tf.sqrt(2.0 * tf.nn.l2_loss(g - mean) / n))
     return {
-        "norm": tf.sqrt(tf.cast(squared_norm, tf.float32)),
+        "norm": tf.sqrt(squared_norm),
         "mean": mean,
-        "std": tf.sqrt(2.0 * tf.nn.l2_loss(g - mean) / n),
+        "std": std,
         "max_abs": max_abs,
         "zero_fraction": tf.cast(tf.math.zero_fraction(g), tf.float32),
     }

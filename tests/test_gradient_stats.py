@@ -32,6 +32,18 @@ def test_variable_stats_match_numpy(shape):
     assert stats["zero_fraction"] == pytest.approx(np.mean(g == 0))
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e-3, 0.01, 0.5, 1e3])
+def test_variable_stats_std_is_exact_with_or_without_a_large_mean(offset):
+    """``std`` from ``E[g^2] - mean^2`` when that is well conditioned, two-pass otherwise: either
+    way it matches numpy (a one-pass std of ``1000 + N(0, 0.01)`` in float32 would be noise)."""
+    g = (offset + 0.01 * RNG.normal(size=(400, 300))).astype(np.float32)
+    g64 = g.astype(np.float64)
+    for squared_norm in (None, tf.constant(float(np.sum(g64 ** 2)), tf.float32)):
+        stats = {k: float(v) for k, v in variable_stats(tf.constant(g), squared_norm).items()}
+        assert stats["std"] == pytest.approx(g64.std(), rel=1e-5)
+        assert stats["mean"] == pytest.approx(g64.mean(), rel=1e-5, abs=1e-9)
+
+
 def test_variable_stats_of_empty_gradient_are_zero():
     stats = {k: float(v) for k, v in variable_stats(tf.zeros([0, 3])).items()}
     assert stats == {"norm": 0.0, "mean": 0.0, "std": 0.0, "max_abs": 0.0, "zero_fraction": 0.0}
