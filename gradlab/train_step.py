@@ -7,16 +7,20 @@ graph, runs the registered taps on the real gradients.
 
 A tap (:class:`Tap`) is a pair of pure tensor functions of :class:`TapInputs`:
 
-* ``every_step(inputs) -> {name: scalar}`` (or a :class:`TapVector`) runs on every step. Each scalar is kept in
-  accumulators over the *window* since the last read: ``last``, ``mean``, ``max`` and ``min``.
-  A spike between two writes therefore shows up in the window ``max``, also with
-  ``steps_per_execution > 1``.
+* ``every_step(inputs) -> {name: scalar}`` (or a :class:`TapVector`) runs on every step. Each
+  scalar is kept in accumulators over a *window* of steps: ``last``, ``mean``, ``max`` and
+  ``min``. A spike between two writes therefore shows up in the window ``max``.
 * ``on_due(inputs) -> {name: tensor}`` runs only on steps where ``step % every == 0`` (inside a
-  :func:`lazy_cond`); its outputs (any shape) are stored with the step they were computed at.
+  :func:`lazy_cond`); its outputs (any shape) are stored with the step they were computed at,
+  together with the tap's window as it stands at that step, and the window starts again. So a
+  due step's window is exactly the steps since the previous due step, also with
+  ``steps_per_execution > 1``.
 
 Both must be XLA-safe: no summary ops, no Python side effects, no variable creation.
-The Python side (a callback) reads the accumulators with :meth:`GradlabModel.read_tap`,
-writes them and resets the window.
+The Python side (a callback) takes a due step's outputs and window with
+:meth:`GradlabModel.read_due` (with one replica they come with the execution's results: no
+variable read) and the live window with :meth:`GradlabModel.read_tap` (which also resets it:
+the window of a tap without ``on_due`` is the steps since the last read).
 
 Cost. What a tap adds to a step not due is its ``every_step`` math plus one update of the
 window accumulator that all taps share (one variable read and one assignment per step, however
