@@ -221,9 +221,7 @@ class Checkpointer:
             log.warning("resume: the diagnostics' windows were not restored (%s); they start empty",
                         str(e).splitlines()[0])
             return
-        # The restored due outputs were written by the interrupted run: not again.
-        for state in getattr(self.model, "_gradlab_taps", {}).values():
-            state.consumed = int(state.due_step.numpy())
+        self.model.taps_restored()  # their due outputs were written by the interrupted run
 
     def save(self, step: int, batches_per_epoch: int) -> str:
         epoch, batch = divmod(step, batches_per_epoch)

@@ -244,8 +244,10 @@ class _Window:
 
     def __init__(self):
         self.var = None
-        self.signals = None  # (window maxima of the taps' signals, execution index)
-        self.due = None  # ({tap key: (due_step, due_scalars, captured window, {name: due value})}, execution index)
+        # What the last execution brought back with its results, and its index:
+        # ({_SIGNALS: window maxima of the taps' signals, _DUE: {tap key: (due_step, due_scalars,
+        # captured window, {name: due value})}}, execution index).
+        self.returned = None
         self.executions = 0  # train-function executions so far
 
 
@@ -339,8 +341,7 @@ class GradlabModel(keras.Model):
         for lo, old_lo, old_hi in moves:
             initial[:, lo:lo + old_hi - old_lo] = kept[:, old_lo:old_hi]
         self._gradlab_window_holder.var = None
-        self._gradlab_window_holder.signals = None  # laid out for the previous columns
-        self._gradlab_window_holder.due = None
+        self._gradlab_window_holder.returned = None  # laid out for the previous columns
         if columns:
             with self.distribute_strategy.scope():
                 self._gradlab_window_holder.var = tf.Variable(initial, **_ON_READ)
@@ -358,6 +359,12 @@ class GradlabModel(keras.Model):
             out += [state.captured] if state.captured is not None else []
             out += [state.due[name] for name in sorted(state.due)]
         return out
+
+    def taps_restored(self) -> None:
+        """Call after restoring :meth:`tap_variables` from a checkpoint: the restored due outputs
+        were written by the run that saved them, so :meth:`read_tap` does not hand them out again."""
+        for state in self._gradlab_taps.values():
+            state.consumed = int(state.due_step.numpy())
 
     def _tap_due_fn(self, state: _TapState):
         """A compiled function returning a tap's due outputs and the window captured with them."""
@@ -432,9 +439,9 @@ class GradlabModel(keras.Model):
         state = self._gradlab_taps[key]
         if not state.has_due:
             return self.read_tap(key)
-        returned = self._gradlab_window_holder.due
-        if returned is not None and returned[1] >= state.reset_at and key in returned[0]:
-            due_step, due_scalars, captured, due_values = returned[0][key]
+        returned = self._returned(_DUE, state)
+        if returned is not None and key in returned:
+            due_step, due_scalars, captured, due_values = returned[key]
         else:
             due_step, due_scalars, captured, due_values = self._tap_due_fn(state)()
         due_step = int(due_step.numpy())
@@ -442,6 +449,14 @@ class GradlabModel(keras.Model):
             return {"count": 0, "window": {}, "due_step": -1, "due": {}}
         state.consumed = due_step
         return self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values)
+
+    def _returned(self, name: str, state: _TapState):
+        """What the last execution returned under ``name`` (``_SIGNALS`` or ``_DUE``), or None when
+        nothing was returned (several replicas) or it predates the tap's last reset."""
+        returned = self._gradlab_window_holder.returned
+        if returned is None or returned[1] < state.reset_at:
+            return None
+        return returned[0].get(name)
 
     @staticmethod
     def _tap_values(state: _TapState, columns, due_step: int, due_scalars, due_values) -> dict:
@@ -472,13 +487,14 @@ class GradlabModel(keras.Model):
         row = ("last", "sum", "max", "min").index(stat)
         return float(self._gradlab_window.value().numpy()[row, index])
 
-    def _run_taps(self, inputs: TapInputs, return_due: bool):
+    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool):
         """Run every tap; returns the window maxima of the taps' signals (or None) and, with
-        ``return_due``, each due tap's ``(due_step, due_scalars, captured window, {name: value})``."""
+        ``return_due``, each due tap's ``(due_step, due_scalars, captured window, {name: value})``.
+        ``due_at(every)`` is the step's ``step % every == 0``."""
         states = list(self._gradlab_taps.values())
         window = self._gradlab_window
         signals = new = None
-        due_now = {id(state): tf.equal(inputs.step % state.tap.every, 0) for state in states if state.has_due}
+        due_now = {id(state): due_at(state.tap.every) for state in states if state.has_due}
         if window is not None:
             # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
             # into the shared window with one read and one assignment.
@@ -490,10 +506,10 @@ class GradlabModel(keras.Model):
                         if scalars:
                             pieces.append(tf.stack(scalars))
                             scalars = []
-                        vector = tf.cast(out.vector, tf.float32)
-                        if out.names != state.window_names:  # not the names it registered with
-                            vector = tf.stack([vector[out.names.index(n)] for n in state.window_names])
-                        pieces.append(vector)
+                        if out.names != state.window_names:
+                            raise ValueError(f"a tap's TapVector names changed after registration: "
+                                             f"{state.window_names} -> {out.names}")
+                        pieces.append(tf.cast(out.vector, tf.float32))
                     else:
                         for n in state.window_names:
                             value = tf.cast(out[n], tf.float32)
@@ -595,10 +611,17 @@ class GradlabModel(keras.Model):
                                             sample_weight=tf.where(finite, batch, tf.zeros_like(batch)))
 
         before = None
+        due_by_every: dict[int, tf.Tensor] = {}  # `step % every == 0`, built once per schedule
+
+        def due_at(every: int) -> tf.Tensor:
+            if every not in due_by_every:
+                due_by_every[every] = tf.equal(step % every, 0)
+            return due_by_every[every]
+
         update_taps = [s.tap for s in self._gradlab_taps.values() if s.tap.needs_updates]
         if inputs is not None and update_taps:
             before = self._gradlab_snapshot.values
-            due = tf.reduce_any(tf.stack([tf.equal(step % tap.every, 0) for tap in update_taps]))
+            due = tf.reduce_any(tf.stack([due_at(tap.every) for tap in update_taps]))
 
             def snapshot():
                 for b, v in zip(before, variables):
@@ -633,7 +656,7 @@ class GradlabModel(keras.Model):
             if before is not None:
                 inputs.updates = _Updates(variables, before)
                 inputs.weights_before = list(before)
-            signals, due = self._run_taps(inputs, return_due=replicas == 1)
+            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1)
         logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
         if replicas == 1:  # with several replicas Keras would reduce them: they are read from the variables
             if signals is not None:
@@ -655,10 +678,8 @@ class GradlabModel(keras.Model):
             logs = fn(iterator)
             if isinstance(logs, dict) and (_SIGNALS in logs or _DUE in logs):
                 logs = dict(logs)
-                if _SIGNALS in logs:
-                    runtime.signals = (logs.pop(_SIGNALS), runtime.executions)
-                if _DUE in logs:
-                    runtime.due = (logs.pop(_DUE), runtime.executions)
+                runtime.returned = ({name: logs.pop(name) for name in (_SIGNALS, _DUE) if name in logs},
+                                    runtime.executions)
             runtime.executions += 1
             return logs
 
@@ -674,11 +695,8 @@ class GradlabModel(keras.Model):
         an execution, and with several replicas (use :meth:`peek_tap` then).
         """
         state = self._gradlab_taps.get(key)
-        signals = self._gradlab_window_holder.signals
-        if state is None or state.tap.signal is None or signals is None:
-            return None
-        values, execution = signals
-        if execution < state.reset_at:
+        values = None if state is None or state.tap.signal is None else self._returned(_SIGNALS, state)
+        if values is None:
             return None
         index = [s for s in self._gradlab_taps.values() if s.tap.signal in s.window_names].index(state)
         return float(values.numpy()[index])

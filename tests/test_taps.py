@@ -240,7 +240,7 @@ def test_due_window_is_captured_in_the_step_and_handed_out_once():
     x = np.random.default_rng(0).normal(size=(24, 3)).astype(np.float32)
     model.fit(x, np.arange(24) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 0..11
     holder, state = model._gradlab_window_holder, model._gradlab_taps["t"]
-    returned = holder.due
+    returned = holder.returned
     assert returned is not None  # one replica: the due values came with the execution's results
 
     def due_read():
@@ -252,9 +252,9 @@ def test_due_window_is_captured_in_the_step_and_handed_out_once():
     assert first == (10, 5, {"step": {"last": 10.0, "mean": 8.0, "max": 10.0, "min": 6.0}}, {"twice": 20.0})
     assert due_read() == (-1, 0, {}, {})  # handed out once
     # without the returned values (several replicas): read from the variables, the same
-    holder.due, state.consumed = None, -1
+    holder.returned, state.consumed = None, -1
     assert due_read() == first
-    holder.due, state.consumed = returned, -1
+    holder.returned, state.consumed = returned, -1
     assert due_read() == first
     tail = model.read_tap("t")  # the end of training: the steps after the last due step, no due outputs again
     assert (tail["due_step"], tail["count"], tail["window"]["step"]["min"], tail["due"]) == (-1, 1, 11.0, {})
