@@ -546,7 +546,10 @@ class GradlabModel(keras.Model):
                     state.captured.assign(new[:, state.lo:state.hi])
                     return tf.constant(True)
 
-                lazy_cond(due_now[id(state)], write_due, lambda: tf.constant(False))
+                if tap.every == 1:  # due at every step: no branch
+                    write_due()
+                else:
+                    lazy_cond(due_now[id(state)], write_due, lambda: tf.constant(False))
         due = None
         if return_due:  # read after the assignments above (automatic control dependencies)
             due = {key: (state.due_step.value(), state.due_scalars.value(), state.captured.value(),
@@ -628,7 +631,12 @@ class GradlabModel(keras.Model):
                     b.assign(tf.cast(v, tf.float32))
                 return tf.constant(True)
 
-            lazy_cond(due, snapshot, lambda: tf.constant(False))
+            if any(tap.every == 1 for tap in update_taps):
+                snapshot()
+            else:
+                # A plain (lowered) tf.cond: its untaken branch is a dozen dead ops, cheaper than
+                # the function call of a functional If (lazy_cond) on every step.
+                tf.cond(due, snapshot, lambda: tf.constant(False))
 
         if finite is None:
             optimizer.apply(grads, variables)

@@ -32,16 +32,27 @@ def test_variable_stats_match_numpy(shape):
     assert stats["zero_fraction"] == pytest.approx(np.mean(g == 0))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
 @pytest.mark.parametrize("offset", [0.0, 1e-3, 0.01, 0.5, 1e3])
-def test_variable_stats_std_is_exact_with_or_without_a_large_mean(offset):
+def test_variable_stats_std_is_exact_with_or_without_a_large_mean(offset, compiled):
     """``std`` from ``E[g^2] - mean^2`` when that is well conditioned, two-pass otherwise: either
     way it matches numpy (a one-pass std of ``1000 + N(0, 0.01)`` in float32 would be noise)."""
     g = (offset + 0.01 * RNG.normal(size=(400, 300))).astype(np.float32)
     g64 = g.astype(np.float64)
+    stats_fn = tf.function(variable_stats) if compiled else variable_stats
     for squared_norm in (None, tf.constant(float(np.sum(g64 ** 2)), tf.float32)):
-        stats = {k: float(v) for k, v in variable_stats(tf.constant(g), squared_norm).items()}
+        stats = {k: float(v) for k, v in stats_fn(tf.constant(g), squared_norm).items()}
         assert stats["std"] == pytest.approx(g64.std(), rel=1e-5)
         assert stats["mean"] == pytest.approx(g64.mean(), rel=1e-5, abs=1e-9)
+
+
+def test_zero_fraction_of_a_gradient_past_float32_integers():
+    """Above 2^24 entries the zeros are counted in int64 (that path, against the exact fraction)."""
+    g = np.ones(2 ** 24 + 7, np.float32)
+    g[:2 ** 24 + 3] = 0.0  # 2^24 + 3 is not a float32 integer
+    fraction = float(variable_stats(tf.constant(g))["zero_fraction"])
+    assert fraction == pytest.approx((2 ** 24 + 3) / (2 ** 24 + 7), rel=1e-7)
+    assert fraction < 1.0
 
 
 def test_variable_stats_of_empty_gradient_are_zero():
