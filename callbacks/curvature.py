@@ -323,7 +323,7 @@ class Curvature(Diagnostic):
             raise ValueError(f"`seed` ({seed!r}) must be a non-negative integer")
         self.per_layer, self.warm_start, self.seed, self.jit_compile = per_layer, warm_start, seed, jit_compile
         self._verdicts: list[dict] = []
-        self._vectors: tuple[list, list] | None = None
+        self._vectors: tuple[list, list] | None = None  # start vectors: global, blocks (tf.Variables)
 
     def verdicts(self) -> list[dict]:
         """The verdicts found in the last ``fit`` (``[]`` or one ``"unstable"`` verdict)."""
@@ -333,37 +333,48 @@ class Curvature(Diagnostic):
         self._verdicts = []
         self._groups = layer_groups(self.model.trainable_variables) if self.per_layer else {}
         self._loss = batch_loss_fn(self.model)
-        shapes = [v.shape for v in self.model.trainable_variables]
-        self._vectors = ([t.numpy() for t in start_vector(shapes, self.seed)],
-                         [t.numpy() for t in start_vector(shapes, self.seed + 1)])
+        shapes = [tuple(v.shape) for v in self.model.trainable_variables]
         key = (tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))
         owner = getattr(self, "_compute_owner", None)
-        if owner is None or owner() is not self.model or self._compute_key != key:  # reuse across fit calls
+        same_model = owner is not None and owner() is self.model and self._compute_key == key
+        if not same_model:  # the compiled estimate is reused across fit calls on the same model
             self._compute = tf.function(self._estimate, jit_compile=self.jit_compile, reduce_retracing=True,
                                         autograph=False)
             self._compute_key, self._compute_owner = key, weakref.ref(self.model)
+        # The start vectors live in variables: the compiled probe reads them when it runs (a
+        # Python value would be frozen into it when traced) and, with warm_start, the estimate
+        # stores its eigenvectors there. They carry over to the next fit of the same model
+        # (training goes on from the same weights); a new model starts from the seeded vectors.
+        seeded = (start_vector(shapes, self.seed), start_vector(shapes, self.seed + 1))
+        if self._vectors is None or not same_model or [tuple(v.shape) for v in self._vectors[0]] != shapes:
+            with tf.init_scope():
+                self._vectors = tuple([tf.Variable(t, trainable=False) for t in vs] for vs in seeded)
+        elif not self.warm_start:
+            for variables, vs in zip(self._vectors, seeded):
+                for var, t in zip(variables, vs):
+                    var.assign(t)
         self._limit_note_written = False
         super().on_train_begin(logs)
 
     def _estimate(self, params, x, y, v_global, v_blocks):
-        """The pure computation: eigenvalues and eigenvectors at ``params`` on ``(x, y)``."""
+        """The pure computation: eigenvalues at ``params`` on ``(x, y)`` from the start vectors in
+        the variables ``v_global``, ``v_blocks``, into which the eigenvectors go with ``warm_start``."""
         out = hessian_top_eigenvalues(lambda p: self._loss(p, x, y), params, self._groups, self.iterations,
-                                      self.tolerance, v_global=v_global, v_blocks=v_blocks)
+                                      self.tolerance, v_global=[v.value() for v in v_global],
+                                      v_blocks=[v.value() for v in v_blocks])
+        if self.warm_start:
+            for variables, vectors in ((v_global, out["vector"]), (v_blocks, out["block_vectors"])):
+                for var, t in zip(variables, vectors):
+                    var.assign(t)
         values = {"top_eigenvalue": out["top_eigenvalue"], "iterations": out["iterations"]}
         values.update({f"{name}/top_eigenvalue": lam for name, lam in out["blocks"].items()})
-        for i, (a, b) in enumerate(zip(out["vector"], out["block_vectors"])):
-            values[f"@v/{i}"], values[f"@b/{i}"] = a, b
         return values
 
     def probe(self, model, x, y):
         v_global, v_blocks = self._vectors
-        return self._compute(read_params(model), x, y, [tf.constant(a) for a in v_global],
-                             [tf.constant(a) for a in v_blocks])
+        return self._compute(read_params(model), x, y, v_global, v_blocks)
 
     def write_probe(self, step, values):
-        n = len(self._vectors[0])
-        if self.warm_start:
-            self._vectors = ([values[f"@v/{i}"] for i in range(n)], [values[f"@b/{i}"] for i in range(n)])
         lam = float(values["top_eigenvalue"])
         self.scalar("curvature/top_eigenvalue", lam, step)
         self.scalar("curvature/iterations", float(values["iterations"]), step)

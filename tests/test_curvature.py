@@ -221,6 +221,31 @@ def test_warm_start_converges_in_fewer_products():
     assert int(warm["iterations"]) <= 3 < int(cold["iterations"])
 
 
+def test_warm_start_within_a_fit_and_into_the_next_fit_of_the_same_model(tmp_path):
+    from gradlab.events import read_scalars
+
+    """Within a fit and across fits: the compiled probe reads the start vectors when it runs (a
+    Python value read at trace time would freeze the first one)."""
+    x, y = _batch(n=16)
+    model = _model(kind="mlp", hidden=(5,), lr=1e-6)  # the weights barely move: the eigenvector stays
+
+    def iterations(cb, log_dir):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+        return [int(v) for _, v in read_scalars(log_dir)["curvature/iterations"]]
+
+    def curvature(log_dir, **kw):
+        return cv.Curvature(log_dir=str(log_dir), every=1, iterations=200, tolerance=1e-6,
+                            probe_data=(x.numpy(), y.numpy()), **kw)
+
+    cb = curvature(tmp_path / "warm")
+    first = iterations(cb, tmp_path / "warm")
+    second = iterations(cb, tmp_path / "warm")[len(first):]  # the same callback, the next fit
+    assert first[0] > 3 and first[1] <= 3  # the next estimate of the same fit starts from the last eigenvector
+    assert second[0] <= 3
+    cold = curvature(tmp_path / "cold", warm_start=False)
+    assert iterations(cold, tmp_path / "cold")[0] > 3
+
+
 def test_hooks_reuse_resets_state():
     x, y = _batch(n=16)
     model = _model(kind="mlp", hidden=(5,), lr=0.01)
