@@ -249,6 +249,12 @@ class _Window:
         # captured window, {name: due value})}}, execution index).
         self.returned = None
         self.executions = 0  # train-function executions so far
+        # Execution-level schedule (one replica): the step the next execution starts at, from the
+        # last execution's results (None: read the optimizer's count), and whether the step being
+        # traced is the plain variant (no tap due in the whole execution: no due-step work in it).
+        self.next_step: int | None = None
+        self.plain = False
+        self.plain_executions = 0  # executions that ran the plain variant (for tests and benchmarks)
 
 
 def _empty_window(columns: int) -> np.ndarray:
@@ -487,14 +493,14 @@ class GradlabModel(keras.Model):
         row = ("last", "sum", "max", "min").index(stat)
         return float(self._gradlab_window.value().numpy()[row, index])
 
-    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool):
+    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool, plain: bool = False):
         """Run every tap; returns the window maxima of the taps' signals (or None) and, with
         ``return_due``, each due tap's ``(due_step, due_scalars, captured window, {name: value})``.
-        ``due_at(every)`` is the step's ``step % every == 0``."""
+        ``due_at(every)`` is the step's ``step % every == 0``. ``plain``: no tap is due (no due-step work)."""
         states = list(self._gradlab_taps.values())
         window = self._gradlab_window
         signals = new = None
-        due_now = {id(state): due_at(state.tap.every) for state in states if state.has_due}
+        due_now = {} if plain else {id(state): due_at(state.tap.every) for state in states if state.has_due}
         if window is not None:
             # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
             # into the shared window with one read and one assignment.
@@ -532,7 +538,7 @@ class GradlabModel(keras.Model):
                 signals = tf.gather(new[2], columns)
         for state in states:
             tap = state.tap
-            if state.has_due:
+            if state.has_due and not plain:
                 def write_due(state=state, tap=tap):
                     # A shallow copy: what the branch computes first (e.g. squared_norms) is cached
                     # on the copy, never on the step's inputs, whose tensors live outside the branch.
@@ -566,8 +572,10 @@ class GradlabModel(keras.Model):
             optimizer.build(variables)
         step = tf.cast(optimizer.iterations, tf.int64)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        plain = self._gradlab_window_holder.plain and replicas == 1  # see make_train_function
         chain = None
-        if replicas == 1 and sample_weight is None and any(s.tap.needs_layers for s in self._gradlab_taps.values()):
+        if replicas == 1 and sample_weight is None and any(
+                s.tap.needs_layers and (s.tap.every_step or not plain) for s in self._gradlab_taps.values()):
             chain = dense_chain(self)
         layer_inputs, pre = None, []
         with tf.GradientTape() as tape:
@@ -622,7 +630,18 @@ class GradlabModel(keras.Model):
             return due_by_every[every]
 
         update_taps = [s.tap for s in self._gradlab_taps.values() if s.tap.needs_updates]
-        if inputs is not None and update_taps:
+        if plain and inputs is not None:
+            # Compiled for executions in which no tap is due: none of the due-step work is here.
+            # Python chose it from the step count (make_train_function); were it ever wrong, a
+            # due step would silently lose its outputs, so that fails loudly instead.
+            everys = sorted(_due_schedules(self._gradlab_taps.values()))
+            if everys:
+                tf.debugging.Assert(tf.logical_not(tf.reduce_any(tf.stack([due_at(e) for e in everys]))),
+                                    ["gradlab: internal error: a tap was due at step", step,
+                                     "in a step compiled without due-step work"])
+            if update_taps:
+                before = self._gradlab_snapshot.values
+        elif inputs is not None and update_taps:
             before = self._gradlab_snapshot.values
             due = tf.reduce_any(tf.stack([due_at(tap.every) for tap in update_taps]))
 
@@ -664,28 +683,62 @@ class GradlabModel(keras.Model):
             if before is not None:
                 inputs.updates = _Updates(variables, before)
                 inputs.weights_before = list(before)
-            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1)
+            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1 and not plain, plain=plain)
         logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
         if replicas == 1:  # with several replicas Keras would reduce them: they are read from the variables
             if signals is not None:
                 logs = dict(logs, **{_SIGNALS: signals})
             if due is not None:
                 logs = dict(logs, **{_DUE: due})
+            if self._gradlab_taps:  # the step the next execution starts at
+                logs = dict(logs, **{_NEXT_STEP: tf.identity(optimizer.iterations)})
         return logs
 
     def make_train_function(self, force=False):
-        """Keras's train function, wrapped to take the taps' signals and due outputs out of the step's results."""
+        """Keras's train function, wrapped: it takes the taps' signals and due outputs out of the
+        step's results and, with one replica, runs each execution in one of two compiled variants.
+
+        An execution in which no tap is due (no step ``s`` with ``s % every == 0`` among its
+        ``steps_per_execution`` steps, for any tap with due-step work) runs a *plain* variant
+        compiled without any due-step work: no branch, no weight snapshot, no layer inputs kept
+        for a tap that only uses them when due. The others run the full step. The choice is made
+        in Python from the step count, which every execution returns (read from the optimizer at
+        the first execution of each ``fit``); the plain variant asserts that it was right.
+        """
         super().make_train_function(force)
         fn = self.train_function
+        runtime = self._gradlab_window_holder
+        runtime.next_step = None  # a new fit: the count may have been changed (restore, user)
         if fn is None or getattr(fn, "_gradlab_inner", None) is not None:
             return fn
+        plain_fn = None
 
-        runtime = self._gradlab_window_holder
+        def plain_variant():
+            nonlocal plain_fn
+            if plain_fn is None:  # a second Keras train function, traced with runtime.plain set
+                super(GradlabModel, self).make_train_function(force=True)
+                plain_fn, self.train_function = self.train_function, train_function
+            return plain_fn
 
         def train_function(iterator):
-            logs = fn(iterator)
-            if isinstance(logs, dict) and (_SIGNALS in logs or _DUE in logs):
+            variant = fn
+            if runtime.next_step is None or not self._gradlab_taps:
+                runtime.next_step = None
+            else:
+                everys = _due_schedules(self._gradlab_taps.values())
+                first, last = runtime.next_step, runtime.next_step + max(int(self.steps_per_execution or 1), 1) - 1
+                if everys and all((last // e) * e < first for e in everys):
+                    variant = plain_variant()
+            runtime.plain = variant is not fn
+            runtime.plain_executions += runtime.plain
+            try:
+                logs = variant(iterator)
+            finally:
+                runtime.plain = False
+            if isinstance(logs, dict) and (_SIGNALS in logs or _DUE in logs or _NEXT_STEP in logs):
                 logs = dict(logs)
+                nxt = logs.pop(_NEXT_STEP, None)
+                runtime.next_step = None if nxt is None else int(nxt)
                 runtime.returned = ({name: logs.pop(name) for name in (_SIGNALS, _DUE) if name in logs},
                                     runtime.executions)
             runtime.executions += 1
@@ -808,6 +861,12 @@ class GradlabModel(keras.Model):
 
 _SIGNALS = "_gradlab_tap_signals"
 _DUE = "_gradlab_tap_due"
+_NEXT_STEP = "_gradlab_next_step"
+
+
+def _due_schedules(states) -> set[int]:
+    """The ``every`` of each tap with due-step work (due outputs, or the weight snapshot)."""
+    return {state.tap.every for state in states if state.has_due or state.tap.needs_updates}
 
 
 def dense_chain(model) -> list | None:

@@ -260,3 +260,59 @@ def test_due_window_is_captured_in_the_step_and_handed_out_once():
     assert (tail["due_step"], tail["count"], tail["window"]["step"]["min"], tail["due"]) == (-1, 1, 11.0, {})
     model.fit(x[:4], np.arange(4) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 12, 13: none due
     assert due_read() == (-1, 0, {}, {})
+
+
+def _due_tap_model(spe: int):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = GradlabModel(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy", "mean"),
+                  steps_per_execution=spe)
+    step = lambda inp: tf.cast(inp.step, tf.float32)  # noqa: E731
+    model.register_tap("t", Tap(every_step=lambda inp: {"step": step(inp)},
+                                on_due=lambda inp: {"twice": 2.0 * step(inp)}, every=5))
+    return model
+
+
+class _DueRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        values = self.model.read_due("t")
+        if values["due_step"] >= 0:
+            self.seen.append((values["due_step"], values["count"], float(values["due"]["twice"])))
+
+
+@pytest.mark.parametrize("spe, plain", [(1, 18), (3, 2)])
+def test_executions_with_no_due_step_run_the_plain_variant(spe, plain):
+    """every 5, two fits of 12 steps. An execution with no due step, other than the first of a
+    fit, runs the variant compiled without due-step work -- spe 1: all 24 but the first of each
+    fit (steps 0, 12) and the due steps 5, 10, 15, 20; spe 3: the executions of steps 6-8 and
+    21-23 -- and every due step's outputs and window still arrive."""
+    model = _due_tap_model(spe)
+    x = np.random.default_rng(0).normal(size=(24, 3)).astype(np.float32)
+    recorder = _DueRecorder()
+    holder = model._gradlab_window_holder
+    for _ in range(2):
+        model.fit(x, np.arange(24) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[recorder])
+    assert holder.plain_executions == plain
+    assert recorder.seen == [(0, 1, 0.0), (5, 5, 10.0), (10, 5, 20.0), (15, 5, 30.0), (20, 5, 40.0)]
+    tail = model.read_tap("t")  # steps 21..23, after the last due step
+    assert (tail["count"], tail["window"]["step"]["min"], tail["window"]["step"]["max"]) == (3, 21.0, 23.0)
+
+
+def test_plain_variant_refuses_a_step_that_is_due():
+    """Were the schedule in Python ever wrong, the plain step would lose a due step's outputs:
+    it fails instead (here the count it relies on is corrupted on purpose)."""
+    model = _due_tap_model(1)
+
+    class Corrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 9:  # the next execution runs step 10, which is due: claim it starts at 11
+                model._gradlab_window_holder.next_step = 11
+
+    x = np.zeros((24, 3), np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="internal error: a tap was due at step"):
+        model.fit(x, np.arange(24) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[Corrupt()])
