@@ -24,10 +24,13 @@ the window of a tap without ``on_due`` is the steps since the last read).
 
 Cost. What a tap adds to a step not due is its ``every_step`` math plus one update of the
 window accumulator that all taps share (one variable read and one assignment per step, however
-many taps and scalars). The due-step work sits in :func:`lazy_cond` branches, which stay
-functional ``If`` ops: a step that is not due runs no op of them. (``tf.cond``'s default
-lowering to ``Switch``/``Merge`` makes the executor visit every op of the untaken branch; for
-gradient_stats that was ~1 ms on a ~10 ms CPU step.)
+many taps and scalars). With one replica, an execution in which no tap is due runs a *plain*
+variant of the step, compiled without any due-step work (see
+:meth:`GradlabModel.make_train_function`). In the full step the due-step work sits in
+:func:`lazy_cond` branches, which stay functional ``If`` ops: a step that is not due runs no op
+of them. (``tf.cond``'s default lowering to ``Switch``/``Merge`` makes the executor visit every
+op of the untaken branch; for gradient_stats that was ~1 ms on a ~10 ms CPU step.) A tap due
+on every step (``every: 1``) runs without a branch.
 
 Step numbering: the step of a gradient is the optimizer's iteration count *before* the
 update it produces, so step 0 describes the initial weights. A step skipped because of
@@ -635,7 +638,7 @@ class GradlabModel(keras.Model):
             # Python chose it from the step count (make_train_function); were it ever wrong, a
             # due step would silently lose its outputs, so that fails loudly instead.
             everys = sorted(_due_schedules(self._gradlab_taps.values()))
-            if everys:
+            if everys and not self.jit_compile:  # XLA drops Assert ops (with a warning)
                 tf.debugging.Assert(tf.logical_not(tf.reduce_any(tf.stack([due_at(e) for e in everys]))),
                                     ["gradlab: internal error: a tap was due at step", step,
                                      "in a step compiled without due-step work"])
@@ -702,8 +705,9 @@ class GradlabModel(keras.Model):
         ``steps_per_execution`` steps, for any tap with due-step work) runs a *plain* variant
         compiled without any due-step work: no branch, no weight snapshot, no layer inputs kept
         for a tap that only uses them when due. The others run the full step. The choice is made
-        in Python from the step count, which every execution returns (read from the optimizer at
-        the first execution of each ``fit``); the plain variant asserts that it was right.
+        in Python from the step count, which every execution returns (the first execution of
+        each ``fit`` runs the full step: the count may have changed in between, e.g. by a
+        restore); the plain variant asserts that the choice was right.
         """
         super().make_train_function(force)
         fn = self.train_function

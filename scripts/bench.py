@@ -24,7 +24,7 @@ Blocks:
 
 Every diagnostic writes its TensorBoard events (to a temporary directory), as in a real run.
 
-Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead]``
+Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead] [--threads N]``
 """
 
 from __future__ import annotations
@@ -191,7 +191,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--samples", type=int, default=60_000)
     p.add_argument("--block", default="step,batch32,overhead,second_order", help="comma-separated: " + ",".join(BLOCKS))
+    p.add_argument("--threads", type=int, default=0,
+                   help="TensorFlow intra- and inter-op threads (0: TensorFlow's default, all cores). On a "
+                        "machine whose cores come and go, 1 gives steadier ratios -- of a different, "
+                        "single-core configuration")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        print(f"--threads: {args.threads} is negative; give 0 (all cores) or a positive count", file=sys.stderr)
+        return 2
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.quick:
         args.samples, args.rounds = 6_000, 2
     unknown = [b for b in args.block.split(",") if b not in BLOCKS]
