@@ -262,12 +262,12 @@ def test_due_window_is_captured_in_the_step_and_handed_out_once():
     assert due_read() == (-1, 0, {}, {})
 
 
-def _due_tap_model(spe: int):
+def _due_tap_model(spe: int, jit_compile: bool = False):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((3,))
     model = GradlabModel(inputs, keras.layers.Dense(2)(inputs))
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy", "mean"),
-                  steps_per_execution=spe)
+                  steps_per_execution=spe, jit_compile=jit_compile)
     step = lambda inp: tf.cast(inp.step, tf.float32)  # noqa: E731
     model.register_tap("t", Tap(every_step=lambda inp: {"step": step(inp)},
                                 on_due=lambda inp: {"twice": 2.0 * step(inp)}, every=5))
@@ -285,13 +285,13 @@ class _DueRecorder(keras.callbacks.Callback):
             self.seen.append((values["due_step"], values["count"], float(values["due"]["twice"])))
 
 
-@pytest.mark.parametrize("spe, plain", [(1, 18), (3, 2)])
-def test_executions_with_no_due_step_run_the_plain_variant(spe, plain):
+@pytest.mark.parametrize("spe, plain, xla", [(1, 18, False), (3, 2, False), (3, 2, True)])
+def test_executions_with_no_due_step_run_the_plain_variant(spe, plain, xla):
     """every 5, two fits of 12 steps. An execution with no due step, other than the first of a
     fit, runs the variant compiled without due-step work -- spe 1: all 24 but the first of each
     fit (steps 0, 12) and the due steps 5, 10, 15, 20; spe 3: the executions of steps 6-8 and
     21-23 -- and every due step's outputs and window still arrive."""
-    model = _due_tap_model(spe)
+    model = _due_tap_model(spe, jit_compile=xla)
     x = np.random.default_rng(0).normal(size=(24, 3)).astype(np.float32)
     recorder = _DueRecorder()
     holder = model._gradlab_window_holder
