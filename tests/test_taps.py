@@ -316,3 +316,29 @@ def test_plain_variant_refuses_a_step_that_is_due():
     x = np.zeros((24, 3), np.float32)
     with pytest.raises(tf.errors.InvalidArgumentError, match="internal error: a tap was due at step"):
         model.fit(x, np.arange(24) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[Corrupt()])
+
+
+def test_plain_variant_only_when_no_tap_of_any_schedule_is_due():
+    """Taps every 3 and every 4, steps_per_execution 2, steps 0..23: only the executions of steps
+    10-11 and 22-23 contain no multiple of 3 or 4 (the first, 0-1, is a fit's first anyway)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = GradlabModel(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy", "mean"), steps_per_execution=2)
+    step = lambda inp: tf.cast(inp.step, tf.float32)  # noqa: E731
+    for every in (3, 4):
+        model.register_tap(f"t{every}", Tap(every_step=lambda inp: {"step": step(inp)},
+                                            on_due=lambda inp: {"step": step(inp)}, every=every))
+    seen = {3: [], 4: []}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for every in seen:
+                values = model.read_due(f"t{every}")
+                if values["due_step"] >= 0:
+                    seen[every].append(int(values["due"]["step"]))
+
+    x = np.random.default_rng(0).normal(size=(48, 3)).astype(np.float32)
+    model.fit(x, np.arange(48) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[Record()])
+    assert model._gradlab_window_holder.plain_executions == 2
+    assert seen == {3: list(range(0, 24, 3)), 4: list(range(0, 24, 4))}
