@@ -334,24 +334,23 @@ class Curvature(Diagnostic):
         self._groups = layer_groups(self.model.trainable_variables) if self.per_layer else {}
         self._loss = batch_loss_fn(self.model)
         shapes = [tuple(v.shape) for v in self.model.trainable_variables]
-        key = (tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))
+        key = (tuple(shapes), tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))
         owner = getattr(self, "_compute_owner", None)
         same_model = owner is not None and owner() is self.model and self._compute_key == key
-        if not same_model:  # the compiled estimate is reused across fit calls on the same model
-            self._compute = tf.function(self._estimate, jit_compile=self.jit_compile, reduce_retracing=True,
-                                        autograph=False)
-            self._compute_key, self._compute_owner = key, weakref.ref(self.model)
         # The start vectors live in variables: the compiled probe reads them when it runs (a
         # Python value would be frozen into it when traced) and, with warm_start, the estimate
         # stores its eigenvectors there. They carry over to the next fit of the same model
         # (training goes on from the same weights); a new model starts from the seeded vectors.
-        seeded = (start_vector(shapes, self.seed), start_vector(shapes, self.seed + 1))
-        if self._vectors is None or not same_model or [tuple(v.shape) for v in self._vectors[0]] != shapes:
+        if not same_model:  # the compiled estimate and the vectors are reused across fit calls
+            self._compute = tf.function(self._estimate, jit_compile=self.jit_compile, reduce_retracing=True,
+                                        autograph=False)
+            self._compute_key, self._compute_owner = key, weakref.ref(self.model)
             with tf.init_scope():
-                self._vectors = tuple([tf.Variable(t, trainable=False) for t in vs] for vs in seeded)
+                self._vectors = tuple([tf.Variable(t, trainable=False) for t in start_vector(shapes, seed)]
+                                      for seed in (self.seed, self.seed + 1))
         elif not self.warm_start:
-            for variables, vs in zip(self._vectors, seeded):
-                for var, t in zip(variables, vs):
+            for variables, seed in zip(self._vectors, (self.seed, self.seed + 1)):
+                for var, t in zip(variables, start_vector(shapes, seed)):
                     var.assign(t)
         self._limit_note_written = False
         super().on_train_begin(logs)

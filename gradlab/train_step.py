@@ -555,10 +555,7 @@ class GradlabModel(keras.Model):
                     state.captured.assign(new[:, state.lo:state.hi])
                     return tf.constant(True)
 
-                if tap.every == 1:  # due at every step: no branch
-                    write_due()
-                else:
-                    lazy_cond(due_now[id(state)], write_due, lambda: tf.constant(False))
+                _when([due_now[id(state)]], write_due, lazy_cond)
         due = None
         if return_due:  # read after the assignments above (automatic control dependencies)
             due = {key: (state.due_step.value(), state.due_scalars.value(), state.captured.value(),
@@ -627,38 +624,34 @@ class GradlabModel(keras.Model):
         before = None
         due_by_every: dict[int, tf.Tensor] = {}  # `step % every == 0`, built once per schedule
 
-        def due_at(every: int) -> tf.Tensor:
+        def due_at(every: int):
+            """``step % every == 0``: a tensor, or the Python ``True`` for ``every == 1``."""
             if every not in due_by_every:
-                due_by_every[every] = tf.equal(step % every, 0)
+                due_by_every[every] = True if every == 1 else tf.equal(step % every, 0)
             return due_by_every[every]
 
-        update_taps = [s.tap for s in self._gradlab_taps.values() if s.tap.needs_updates]
-        if plain and inputs is not None:
+        if plain and inputs is not None and not self.jit_compile:  # (XLA drops Assert ops, with a warning)
             # Compiled for executions in which no tap is due: none of the due-step work is here.
             # Python chose it from the step count (make_train_function); were it ever wrong, a
             # due step would silently lose its outputs, so that fails loudly instead.
             everys = sorted(_due_schedules(self._gradlab_taps.values()))
-            if everys and not self.jit_compile:  # XLA drops Assert ops (with a warning)
+            if everys:
                 tf.debugging.Assert(tf.logical_not(tf.reduce_any(tf.stack([due_at(e) for e in everys]))),
                                     ["gradlab: internal error: a tap was due at step", step,
                                      "in a step compiled without due-step work"])
-            if update_taps:
-                before = self._gradlab_snapshot.values
-        elif inputs is not None and update_taps:
+        update_taps = [s.tap for s in self._gradlab_taps.values() if s.tap.needs_updates]
+        if inputs is not None and update_taps:
             before = self._gradlab_snapshot.values
-            due = tf.reduce_any(tf.stack([due_at(tap.every) for tap in update_taps]))
 
             def snapshot():
                 for b, v in zip(before, variables):
                     b.assign(tf.cast(v, tf.float32))
                 return tf.constant(True)
 
-            if any(tap.every == 1 for tap in update_taps):
-                snapshot()
-            else:
+            if not plain:
                 # A plain (lowered) tf.cond: its untaken branch is a dozen dead ops, cheaper than
                 # the function call of a functional If (lazy_cond) on every step.
-                tf.cond(due, snapshot, lambda: tf.constant(False))
+                _when([due_at(tap.every) for tap in update_taps], snapshot, tf.cond)
 
         if finite is None:
             optimizer.apply(grads, variables)
@@ -726,9 +719,7 @@ class GradlabModel(keras.Model):
 
         def train_function(iterator):
             variant = fn
-            if runtime.next_step is None or not self._gradlab_taps:
-                runtime.next_step = None
-            else:
+            if runtime.next_step is not None:  # else: the first execution of a fit (or no taps)
                 everys = _due_schedules(self._gradlab_taps.values())
                 first, last = runtime.next_step, runtime.next_step + max(int(self.steps_per_execution or 1), 1) - 1
                 if everys and all((last // e) * e < first for e in everys):
@@ -866,6 +857,15 @@ class GradlabModel(keras.Model):
 _SIGNALS = "_gradlab_tap_signals"
 _DUE = "_gradlab_tap_due"
 _NEXT_STEP = "_gradlab_next_step"
+
+
+def _when(preds: list, fn: Callable, cond: Callable) -> None:
+    """Run ``fn`` when any of ``preds`` holds: directly if one is the Python ``True`` (due on
+    every step: no branch), else in ``cond(any, fn, no-op)`` (``tf.cond`` or :func:`lazy_cond`)."""
+    if any(p is True for p in preds):
+        fn()
+    else:
+        cond(preds[0] if len(preds) == 1 else tf.reduce_any(tf.stack(preds)), fn, lambda: tf.constant(False))
 
 
 def _due_schedules(states) -> set[int]:
