@@ -44,6 +44,10 @@ convolutions, ...) or are activation layers. Layers without one (``Dropout``, no
 each analysed layer is published as ``observations_for(model).meta["activation"][layer]``, which
 is how :class:`gradlab.callbacks.Health` knows which layers can saturate and which can die.
 A subclassed model without a functional graph only gets its output analysed (as layer ``output``).
+An LSTM or GRU layer (whose output is gated, not its ``activation`` of a pre-activation) is kind
+``other``: mean and std only; ``SimpleRNN`` is analysed by its activation. A layer called more
+than once (a shared layer) is measured at its first call in the model's graph. The probe runs
+the model with ``training=False`` (Dropout off, BatchNormalization on its moving statistics).
 """
 
 from __future__ import annotations
@@ -150,6 +154,10 @@ def activation_kind(layer) -> str | None:
         return "softmax"
     if isinstance(layer, keras.Model):
         return None
+    if isinstance(layer, keras.layers.RNN) and not isinstance(layer, keras.layers.SimpleRNN):
+        # An LSTM's or GRU's output is not its `activation` of a pre-activation (h = o * tanh(c),
+        # a gated mix for GRU), so 1 - h^2 is not a tanh derivative there: measured as "other".
+        return "other"
     fn = getattr(layer, "activation", None)
     if fn is None or not callable(fn):
         return None

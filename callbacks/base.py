@@ -47,6 +47,7 @@ Example (a complete plug-in)::
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections import defaultdict
 from typing import Any, ClassVar
@@ -241,10 +242,19 @@ class Diagnostic(keras.callbacks.Callback):
         with ``end=False``), from the count read once at the start of the epoch.
 
         Keras passes the index in the epoch of the execution's last (first) step, so this costs no
-        variable read per batch -- with four diagnostics those reads were a tenth of a step.
+        variable read per batch -- with four diagnostics those reads were a tenth of a step. With
+        ``steps_per_execution > 1`` Keras reports a short last execution of an epoch as a full one
+        (its "last step" lies past the epoch's end): the index is capped at the epoch's last batch,
+        and when the epoch's length is unknown the count is read instead.
         """
         if self._epoch_start_step is None:
             return self.current_step()
+        if end:
+            steps = (self.params or {}).get("steps")
+            if steps:
+                batch = min(batch, int(steps) - 1)
+            elif int(getattr(self.model, "steps_per_execution", 1) or 1) > 1:
+                return self.current_step()
         return self._epoch_start_step + batch + (1 if end else 0)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -256,9 +266,34 @@ class Diagnostic(keras.callbacks.Callback):
         if data is None:
             raise ValueError(f"{type(self).__name__} needs a probe batch: pass probe_data=(x, y) "
                              "(for example a slice of your training data)")
-        x, y = data
-        return (tf.convert_to_tensor(np.asarray(x)[: self.probe_size]),
-                tf.convert_to_tensor(np.asarray(y)[: self.probe_size]))
+        x, y = data  # a pair: checked by __init__
+        model = self.model
+        try:
+            x = _take_rows(x, self.probe_size, _count(model, "inputs"), "x")
+            y = _take_rows(y, self.probe_size, _count(model, "outputs"), "y")
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {str(e).splitlines()[0]}") from None
+        sizes = {int(t.shape[0]) for t in tf.nest.flatten((x, y))}
+        if sizes == {0}:
+            raise ValueError(f"{type(self).__name__}: probe_data has no samples (it needs at least one)")
+        if len(sizes) > 1:
+            raise ValueError(f"{type(self).__name__}: probe_data's arrays have different numbers of "
+                             f"rows ({', '.join(map(str, sorted(sizes)))}); x and y must have one row per sample")
+        return x, y
+
+    def check_probe_batch(self, model, x, y) -> None:
+        """Raise a one-line ``ValueError`` when the probe batch does not fit ``model`` and its loss
+        (run eagerly on its first two rows, before anything is compiled)."""
+        head = tf.nest.map_structure(lambda t: t[:2], (x, y))
+        try:
+            y_pred = model(head[0], training=False)
+            probe_loss(model, head[0], head[1], y_pred)
+        except Exception as e:  # the model's or the loss's own message, shortened to one line
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+            lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+            first = lines[0] if lines else type(e).__name__
+            raise ValueError(f"{type(self).__name__}: probe_data does not fit the model or its loss: "
+                             f"{first[:300]}") from None
 
     # ---- Keras hooks: schedule and dispatch ---------------------------------------------------
     def set_model(self, model):
@@ -284,6 +319,7 @@ class Diagnostic(keras.callbacks.Callback):
         if self.wants_probe(model):
             self._probe_batch = self.probe_batch()
             if self._probe_fn is None or self._probe_model is not model:  # compiled once per model
+                self.check_probe_batch(model, *self._probe_batch)
                 self._probe_model, self._probe_fns = model, {}
                 self._probe_fn = self._compiled_probe({})
             if self._last_step % self.every == 0:
@@ -343,3 +379,49 @@ class Diagnostic(keras.callbacks.Callback):
         if self._writer is not None:
             summaries.release_writer(self.log_dir)
             self._writer = None
+
+
+def probe_loss(model, x, y, y_pred) -> tf.Tensor:
+    """``model.compute_loss`` on a probe batch, leaving the training metrics as they were.
+
+    Keras's compiled loss also records each output's loss in a metric (``<output>_loss`` of a
+    multi-output model); a probe between two steps would otherwise enter those epoch means.
+    """
+    metrics = list(getattr(getattr(model, "_compile_loss", None), "metrics", None) or [])
+    saved = [[tf.identity(v) for v in m.variables] for m in metrics]
+    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+    with tf.control_dependencies([loss]):
+        for m, values in zip(metrics, saved):
+            for v, value in zip(m.variables, values):
+                v.assign(value)
+    return loss
+
+
+def _count(model, attr: str) -> int | None:
+    """How many inputs/outputs ``model`` has (None when Keras does not know yet)."""
+    try:
+        return len(getattr(model, attr))
+    except Exception:  # a subclassed or not yet built model
+        return None
+
+
+def _take_rows(data, n: int, count: int | None, name: str):
+    """The first ``n`` rows of ``data``: one array, or a list/tuple/dict of arrays for a model
+    with several inputs or outputs (a list is one array when the model has a single one)."""
+    several = "inputs" if name == "x" else "outputs"
+
+    def rows(a):
+        try:
+            a = a if tf.is_tensor(a) else np.asarray(a)
+        except ValueError:  # ragged nested lists
+            a = None
+        if a is None or a.dtype == object or a.ndim == 0:
+            raise ValueError(f"probe_data's {name} must be an array with one row per sample (or a "
+                             f"list/dict of such arrays for a model with several {several})")
+        return tf.convert_to_tensor(a[:n])
+
+    if isinstance(data, dict):
+        return {k: rows(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)) and count is not None and count > 1:
+        return type(data)(rows(v) for v in data)
+    return rows(data)

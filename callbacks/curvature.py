@@ -176,7 +176,8 @@ class HessianOperator:
             with tf.GradientTape() as inner:
                 inner.watch(self.params)
                 self.loss = loss_fn(self.params)
-            self.grads = inner.gradient(self.loss, self.params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            # Densified on the outer tape (an Embedding's gradient is IndexedSlices).
+            self.grads = _dense(inner.gradient(self.loss, self.params, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         self._tape = outer
 
     def block_matvec(self, indices: Sequence[int]) -> Callable[[Vector], Vector]:
@@ -184,14 +185,20 @@ class HessianOperator:
         indices = list(indices)
 
         def matvec(v):
-            return self._tape.gradient([self.grads[i] for i in indices], [self.params[i] for i in indices],
-                                       output_gradients=list(v), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return _dense(self._tape.gradient([self.grads[i] for i in indices], [self.params[i] for i in indices],
+                                              output_gradients=list(v),
+                                              unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
         return matvec
 
     def matvec(self, v: Vector) -> Vector:
         """``H v`` over all parameters."""
         return self.block_matvec(range(len(self.params)))(v)
+
+
+def _dense(tensors) -> list[tf.Tensor]:
+    """Gradients as dense tensors (``tf.IndexedSlices`` of a gather, e.g. an Embedding, densified)."""
+    return [tf.convert_to_tensor(t) if isinstance(t, tf.IndexedSlices) else t for t in tensors]
 
 
 def hvp_forward_over_back(loss_fn: Callable[[Vector], tf.Tensor], params: Sequence[tf.Tensor], v: Vector) -> Vector:
@@ -201,8 +208,8 @@ def hvp_forward_over_back(loss_fn: Callable[[Vector], tf.Tensor], params: Sequen
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = loss_fn(params)
-        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [tf.zeros_like(p) if j is None else j
+        grads = _dense(tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+    return [tf.zeros_like(p) if j is None else tf.convert_to_tensor(j)
             for p, j in zip(params, acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO))]
 
 
@@ -263,6 +270,8 @@ def stability_limit(optimizer) -> tuple[float | None, str]:
 
     See the module docstring; only ``keras.optimizers.SGD`` (plain, momentum, Nesterov) has one.
     """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision: the SGD inside
+        optimizer = optimizer.inner_optimizer
     if type(optimizer) is not keras.optimizers.SGD:
         return None, ADAPTIVE_NOTE
     lr = float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
@@ -331,7 +340,7 @@ class Curvature(Diagnostic):
 
     def on_train_begin(self, logs=None):
         self._verdicts = []
-        self._groups = layer_groups(self.model.trainable_variables) if self.per_layer else {}
+        self._groups = layer_groups(self.model.trainable_variables, self.model) if self.per_layer else {}
         self._loss = batch_loss_fn(self.model)
         shapes = [tuple(v.shape) for v in self.model.trainable_variables]
         key = (tuple(shapes), tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))

@@ -141,11 +141,12 @@ def read_params(model) -> list[tf.Tensor]:
     return [tf.cast(tf.convert_to_tensor(v.value), tf.float32) for v in model.trainable_variables]
 
 
-def layer_groups(variables) -> dict[str, list[int]]:
-    """``{layer name: [indices into variables]}``, in first-appearance order."""
+def layer_groups(variables, model=None) -> dict[str, list[int]]:
+    """``{layer name: [indices into variables]}``, in first-appearance order (names as in
+    :func:`gradlab.summaries.variable_path` with ``model``)."""
     groups: dict[str, list[int]] = {}
     for i, v in enumerate(variables):
-        layer, _ = summaries.variable_path(v)
+        layer, _ = summaries.variable_path(v, model)
         groups.setdefault(layer, []).append(i)
     return groups
 
@@ -410,7 +411,7 @@ class GradientNoise(Diagnostic):
         from gradlab.train_step import Tap
 
         chain = DenseChain.of(model)
-        groups, theta = layer_groups(model.trainable_variables), self.theta
+        groups, theta = layer_groups(model.trainable_variables, model), self.theta
         n_params = len(model.trainable_variables)
         # Without regularisation losses the step's own gradient is sum_i g_i / D: no extra matmul.
         reuse_grads = not model.losses
@@ -449,11 +450,14 @@ class GradientNoise(Diagnostic):
             Diagnostic.on_train_begin(self, logs)
             return
         x, y = self.probe_batch()
+        if tf.nest.is_nested(x) or tf.nest.is_nested(y):
+            raise ValueError(f"gradient_noise needs a model with one input and one output for per-sample "
+                             f"gradients; {self.model.name!r} has several")
         if x.shape[0] is not None and x.shape[0] < 2:
             raise ValueError(f"gradient_noise needs a probe batch of at least 2 samples (got {x.shape[0]})")
         self._loss_fn = per_sample_loss_fn(self.model)
         self._out_fn = output_fn(self.model)
-        self._groups = layer_groups(self.model.trainable_variables)
+        self._groups = layer_groups(self.model.trainable_variables, self.model)
         self._chain = None
         self.method_used = "vmap"
         if self.method in ("auto", "dense"):

@@ -22,8 +22,12 @@ variable) the denominator is ``||w_after||``, and 0/0 is reported as 0. An empty
 In a gradlab run (:class:`gradlab.train_step.GradlabModel`) everything comes from the real
 step's gradients inside the compiled step: only the squared norms are computed on every step
 (shared with other taps), the rest only on due steps. Any other Keras model gets the same
-tags from a fixed probe batch (gradients at the current weights; no window tags; the update
-ratio compares the weights before and after the due step's ``fit`` execution).
+tags from a fixed probe batch (gradients at the current weights, with the model called with
+``training=False``, so Dropout is off and BatchNormalization uses its moving statistics; no window
+tags; the update ratio compares the weights before and after the due step's ``fit`` execution).
+There the "logits" are the input of a final softmax/sigmoid activation when the model has one
+(what Keras's cross-entropy uses even with ``from_logits=False``), else the model's output; with
+several outputs, the norm is over all of them together.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, register
+from gradlab.callbacks.base import Diagnostic, probe_loss, register
 from gradlab.train_step import Tap, TapVector, lazy_cond
 
 STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
@@ -108,8 +112,21 @@ def weight_update_ratio(before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
     return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
 
 
-def _names(variables) -> list[tuple[str, str]]:
-    return [summaries.variable_path(v) for v in variables]
+def logits_of(output: tf.Tensor) -> tf.Tensor:
+    """The logits behind a model output: the input of its final softmax/sigmoid when Keras kept
+    it (``_keras_logits``, which Keras's cross-entropy also uses with ``from_logits=False``),
+    else the output itself."""
+    return getattr(output, "_keras_logits", output)
+
+
+def _joint_norm(grads) -> tf.Tensor:
+    """``sqrt(sum ||g||^2)`` over the gradients that exist (0 when the loss ignores them all)."""
+    squares = [2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in grads if g is not None]
+    return tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0)
+
+
+def _names(model) -> list[tuple[str, str]]:
+    return [summaries.variable_path(v, model) for v in model.trainable_variables]
 
 
 @register("gradient_stats")
@@ -143,7 +160,7 @@ class GradientStats(Diagnostic):
 
     # ---- in-step tap
     def make_tap(self, model):
-        names = _names(model.trainable_variables)
+        names = _names(model)
         layers = sorted({layer for layer, _ in names})
         hist = self.histogram_every > 0
 
@@ -197,7 +214,7 @@ class GradientStats(Diagnostic):
         for key, value in due.items():
             if key == "@histograms":
                 if hist_due:
-                    for (layer, var), buckets in zip(_names(self.model.trainable_variables), value):
+                    for (layer, var), buckets in zip(_names(self.model), value):
                         self.histogram(summaries.tag("gradients", layer, var), buckets, step, buckets=None)
                 continue
             entry = tags.get(key)
@@ -228,12 +245,13 @@ class GradientStats(Diagnostic):
     def probe(self, model, x, y):
         with tf.GradientTape() as tape:
             y_pred = model(x, training=False)
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+            loss = probe_loss(model, x, y, y_pred)
         variables = model.trainable_variables
-        grads = tape.gradient(loss, list(variables) + [y_pred])
-        out = {"@logits/norm": tf.norm(tf.cast(grads[-1], tf.float32))}
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads[:-1], variables)]
-        for (layer, var), g in zip(_names(variables), grads):
+        logits = [logits_of(t) for t in tf.nest.flatten(y_pred)]
+        grads = tape.gradient(loss, list(variables) + logits)
+        out = {"@logits/norm": _joint_norm(grads[len(variables):])}
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads[:len(variables)], variables)]
+        for (layer, var), g in zip(_names(model), grads):
             for stat, value in variable_stats(g).items():
                 out[f"{layer}/{var}/{stat}"] = value
         if self.histogram_every:
@@ -243,7 +261,7 @@ class GradientStats(Diagnostic):
     def write_probe(self, step, values):
         due = dict(values)
         if self._before is not None:
-            for (layer, var), v, b in zip(_names(self.model.trainable_variables), self.model.trainable_variables,
+            for (layer, var), v, b in zip(_names(self.model), self.model.trainable_variables,
                                           self._before):
                 delta = np.asarray(v.numpy(), np.float32) - b
                 due[f"{layer}/{var}/update_ratio"] = float(update_ratio(delta, b))

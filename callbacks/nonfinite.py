@@ -55,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, register
+from gradlab.callbacks.base import Diagnostic, probe_loss, register
 from gradlab.train_step import GradlabModel, Tap, TapVector
 
 ACTIONS = ("stop", "skip_step", "warn")
@@ -162,7 +162,7 @@ class NonFiniteGuard(Diagnostic):
     def on_train_begin(self, logs=None):
         self.events, self.count = [], 0
         model = self.model
-        self._names = [summaries.variable_path(v) for v in model.trainable_variables]
+        self._names = [summaries.variable_path(v, model) for v in model.trainable_variables]
         self._grad_probe = None
         if isinstance(model, GradlabModel):
             if self._previous_skip is None:
@@ -274,6 +274,7 @@ class NonFiniteGuard(Diagnostic):
             return None
         if self._grad_probe is None:
             self._probe_xy = Diagnostic.probe_batch(self)
+            self.check_probe_batch(self.model, *self._probe_xy)
             self._grad_probe = tf.function(self._grad_check, reduce_retracing=True, autograph=False)
         loss, sq = self._grad_probe(*self._probe_xy)
         loss, sq = float(loss), np.asarray(sq, dtype=np.float64)
@@ -290,7 +291,7 @@ class NonFiniteGuard(Diagnostic):
         model = self.model
         with tf.GradientTape() as tape:
             y_pred = model(x, training=False)
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+            loss = probe_loss(model, x, y, y_pred)
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
         sq = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) if g is not None else tf.constant(0.0)
@@ -299,6 +300,8 @@ class NonFiniteGuard(Diagnostic):
 
     # ---- reporting
     def _report(self, event: dict, bad_steps: int) -> None:
+        if any(e["step"] == event["step"] for e in self.events[-2:]):
+            return  # a plain model's step seen by both its probe and its loss log: one report
         first = not self.events
         self.count += max(bad_steps, 1)
         event = dict(event, action=self.action, count=self.count)

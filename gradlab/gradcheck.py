@@ -175,7 +175,7 @@ def check_model(model, loss, x: np.ndarray, y: np.ndarray, **kwargs) -> CheckRes
         out, _ = model.stateless_call(weights, non_trainable, x64, training=False)
         return loss(y_t, out)
 
-    names = ["/".join(variable_path(v)) for v in trainable]
+    names = ["/".join(variable_path(v, model)) for v in trainable]
     values = [np.asarray(v.numpy(), dtype=np.float64) for v in trainable]
     kwargs.setdefault("batch", int(np.shape(x)[0]))
     return check_function(loss_fn, values, names, **kwargs)

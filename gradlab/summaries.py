@@ -74,10 +74,16 @@ def variable_path(variable, model=None) -> tuple[str, str]:
     """``(layer, variable)`` names for a Keras variable, e.g. ``("hidden_1", "kernel")``.
 
     Keras 3 variables carry ``path`` like ``"hidden_1/kernel"``; a nested model gives
-    ``"block/dense/kernel"``, which becomes layer ``block/dense``.
+    ``"block/dense/kernel"``, which becomes layer ``block/dense``. Sequential and subclassed
+    models put their own name first (``"sequential/hidden_1/kernel"``): given ``model``, that
+    prefix is dropped, so tags read ``gradients/hidden_1/kernel/...`` whatever the model's
+    kind or name (and match the layer names other diagnostics use).
     """
     path = getattr(variable, "path", None) or getattr(variable, "name", "variable")
     path = str(path).split(":")[0]
+    prefix = f"{getattr(model, 'name', None)}/" if model is not None else None
+    if prefix and path.startswith(prefix) and "/" in path[len(prefix):]:
+        path = path[len(prefix):]
     if "/" in path:
         layer, name = path.rsplit("/", 1)
     else:

@@ -218,7 +218,7 @@ def write_model_layout(run_dir: str | os.PathLike, model) -> Path | None:
     try:
         from gradlab.summaries import variable_path
 
-        layers = list(dict.fromkeys(variable_path(v)[0] for v in model.trainable_variables))
+        layers = list(dict.fromkeys(variable_path(v, model)[0] for v in model.trainable_variables))
         acts = [layer.name for layer in model.layers if getattr(layer, "activation", None) is not None
                 and layer.name != "logits" and layer.name in layers]
         return write_layout(run_dir, layers, acts)

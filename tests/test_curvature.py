@@ -95,6 +95,23 @@ def test_seed_classifier_top_eigenvalue_matches_eigvalsh(loss, reduction):
     assert blocks["logits"] == pytest.approx(expected, rel=RTOL)  # one layer: its block is the whole Hessian
 
 
+def test_embedding_model_top_eigenvalue_matches_eigvalsh():
+    # An Embedding's gradient is tf.IndexedSlices: the Hessian-vector products must densify it.
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(6, 2, name="embed"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="logits")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.integers(0, 6, (8, 3)).astype(np.int32))
+    y = tf.constant(rng.integers(0, 3, 8).astype(np.int32))
+    h = exact_hessian(model, x, y)
+    assert h.shape == (12 + 18 + 3, 12 + 18 + 3)
+    got, blocks = _estimate(model, x, y)
+    assert got == pytest.approx(np.linalg.eigvalsh(h)[-1], rel=RTOL)
+    for name, block in _blocks(model, h).items():
+        assert blocks[name] == pytest.approx(np.linalg.eigvalsh(block)[-1], rel=RTOL, abs=1e-6), name
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_small_mlp_global_and_per_layer_match_eigvalsh(loss):
     model = _model(kind="mlp", hidden=(5,), loss=loss)
@@ -171,6 +188,9 @@ def test_stability_limits():
     assert cv.stability_limit(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))[0] == pytest.approx(
         3.8 / (0.1 * 2.8))
     assert cv.stability_limit(keras.optimizers.Adam(0.1))[0] is None
+    # mixed precision wraps the optimizer: the limit is the wrapped SGD's
+    assert cv.stability_limit(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))) == (
+        pytest.approx(20.0), "2/lr")
 
 
 @pytest.mark.parametrize("kwargs,message", [
