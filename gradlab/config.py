@@ -560,6 +560,8 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> tuple[d
     """Apply ``key.path=value`` strings to a deep copy of ``raw``; returns it and the overridden paths."""
     import copy
 
+    if raw is not None and not isinstance(raw, dict):  # left for from_dict to reject, with its type
+        return raw, {}
     data = copy.deepcopy(raw) if isinstance(raw, dict) else {}
     where: dict[tuple, str] = {}
     for text in overrides:

@@ -655,10 +655,11 @@ class GradlabModel(keras.Model):
 
         if finite is None:
             optimizer.apply(grads, variables)
-        elif replicas > 1:
+        elif replicas > 1 or tf.distribute.has_strategy():
             # tf.cond around optimizer.apply would hold a cross-replica merge_call, which tf.distribute
-            # does not support; apply a zero gradient instead (SGD: no change; momentum/Adam: one
-            # step of moment decay). Every replica takes the same branch (global gradient).
+            # does not support (also with one replica); apply a zero gradient instead (SGD: no
+            # change; momentum/Adam: one step of moment decay). Every replica takes the same branch
+            # (global gradient).
             optimizer.apply([tf.where(finite, g, tf.zeros_like(g)) for g in grads], variables)
         else:
             def apply():

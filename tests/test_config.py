@@ -72,6 +72,16 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("text,kind", [("name = x\ntrain.epochs = 2\n", "string"), ("- 1\n", "list")])
+@pytest.mark.parametrize("overrides", [[], ["train.epochs=1"]])
+def test_a_config_that_is_not_a_mapping_is_rejected(tmp_path, text, kind, overrides):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, overrides)
+    assert str(err.value) == f"{cfg}:1: expected a mapping of sections at the top level, got {kind}"
+
+
 def test_unsafe_yaml_tags_are_rejected(tmp_path):
     cfg = tmp_path / "evil.yaml"
     cfg.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")

@@ -16,6 +16,8 @@ import textwrap
 
 import numpy as np
 
+from conftest import gradlab_cli
+
 SCRIPT = textwrap.dedent('''
     import json, sys
     import numpy as np
@@ -68,3 +70,15 @@ def test_mirrored_two_cpus_matches_single_device(tmp_path):
     for a, b in zip(mirrored["weights"], single["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=1e-5)
+
+
+def test_mirrored_on_one_device_with_the_default_diagnostics(tmp_path):
+    # One replica under a strategy: the nonfinite guard's skip must not put optimizer.apply (a
+    # merge_call under tf.distribute) inside a tf.cond.
+    config = tmp_path / "one.yaml"
+    config.write_text("name: one\ndata: {name: iris, batch_size: 32}\ntrain: {epochs: 1, distribute: mirrored}\n")
+    proc = gradlab_cli("run", str(config), "--run-dir", str(tmp_path / "run"), "--quiet",
+                       env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["replicas"] == 1
