@@ -94,6 +94,10 @@ class DataConfig:
     standardize: bool = _f(False, "bool", "scale each feature to zero mean, unit variance (training-split statistics)")
     label_column: int = _f(-1, "int", "csv: index of the label column (negative counts from the end)",
                            only_for=("name", ("csv",)))
+    header: str = _f("auto", "choice", "csv: is line 1 a header? auto: when it holds column names (cells "
+                     "that are numbers or start with a letter or '_', at least one of them a name); "
+                     "first_line: always; none: never (a bad cell there is an error)",
+                     choices=("auto", "first_line", "none"), only_for=("name", ("csv",)))
     x_key: str = _f("x", "str", "npz: array name of the features; tfrecord: float feature key",
                     only_for=("name", ("npz", "tfrecord")))
     y_key: str = _f("y", "str", "npz: array name of the labels; tfrecord: int64 feature key",

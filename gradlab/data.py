@@ -9,7 +9,7 @@ Names (``data.name``):
 * ``iris`` (150 x 4, 3 classes) and ``digits`` (1797 x 64, 10 classes): bundled package data,
   see ``gradlab/datasets/README.md`` for source and licence.
 * ``npz`` (arrays ``x_key`` and ``y_key``), ``csv`` (numeric columns, the label in
-  ``label_column``; a first row that is not numeric is taken as a header) and ``tfrecord``
+  ``label_column``; line 1 may be a header, ``data.header``) and ``tfrecord``
   (``tf.train.Example`` records with a float feature ``x_key`` of length F and an int64 feature
   ``y_key``; :func:`write_tfrecord` writes one) from ``data.path``.
 
@@ -165,21 +165,28 @@ def make_blobs(samples: int = 300, features: int = 4, classes: int = 3, cluster_
     return Arrays(x.astype(np.float32), y.astype(np.int32), classes, "synthetic")
 
 
+def _number(cell: str) -> float:
+    """``float(cell)`` as TensorFlow's CSV decoder reads it (which has no ``1_000`` digit groups)."""
+    if "_" in cell:
+        raise ValueError(cell)
+    return float(cell)
+
+
 def _is_number(cell: str) -> bool:
     try:
-        float(cell)
+        _number(cell)
         return True
     except ValueError:
         return False
 
 
-def load_csv(path: str, label_column: int = -1) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def load_csv(path: str, label_column: int = -1, header: str = "auto") -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Read a whole numeric CSV; returns ``x``, raw labels, and the 1-based file line of each row.
 
-    The same row parser as the streamed pipeline (:func:`_csv_chunks`): a non-numeric first row
-    is a header, blank lines are skipped, and errors name the file and line.
+    The same row parser as the streamed pipeline (:func:`_csv_chunks`): line 1 may be a header
+    (``header``, see :func:`_csv_layout`), blank lines are skipped, and errors name the file and line.
     """
-    cfg = DataConfig(name="csv", path=path, label_column=label_column)
+    cfg = DataConfig(name="csv", path=path, label_column=label_column, header=header)
     xs, ys, lines, chunk_lines = [], [], [], []
     for x, y in _csv_chunks(cfg, chunk_lines):
         xs.append(x)
@@ -210,10 +217,14 @@ def check_rows(x: np.ndarray, y: np.ndarray, classes: int | None, where) -> np.n
     in ``[0, classes)``, or ``>= 0`` when ``classes`` is ``None`` (the caller then infers the
     number of classes). ``where(i)`` names row ``i`` in the error (file and line or row index).
     """
-    finite = np.isfinite(x).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # training sees float32: check what it will see
+        finite = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) if x.size else np.ones(len(x), bool)
     if not finite.all():
         i = int(np.argmin(finite))
-        raise DataError(f"{where(i)}: feature is NaN or Inf ({x[i][~np.isfinite(x[i])][0]})")
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = x[i][~np.isfinite(np.asarray(x[i], dtype=np.float32))][0]
+        what = "NaN or Inf" if not np.isfinite(bad) else "beyond float32's range (|x| > 3.4e38)"
+        raise DataError(f"{where(i)}: feature is {what} ({bad})")
     yf = y.astype(np.float64)
     bad = ~np.isfinite(yf) | (yf != np.round(yf))
     if bad.any():
@@ -268,7 +279,7 @@ def load_arrays(cfg: DataConfig, seed: int = 0) -> Arrays:
     if cfg.name == "digits":
         return load_digits()
     if cfg.name == "csv":
-        x, y, lines = load_csv(cfg.path, cfg.label_column)
+        x, y, lines = load_csv(cfg.path, cfg.label_column, cfg.header)
         return check_arrays(x, y, cfg.classes, cfg.path, rows=lines)
     if cfg.name == "npz":
         if not Path(cfg.path).is_file():
@@ -506,15 +517,29 @@ def _npz_chunks(cfg: DataConfig):
 
 # ---- csv ----------------------------------------------------------------------------------------
 
-def _csv_layout(path: str, label_column: int) -> tuple[bool, int]:
-    """``(has_header, width)``: a first line that is not all numbers is a header; width from the first row."""
+def _is_name(cell: str) -> bool:
+    """A column name: starts with a letter or ``_`` (a typo'd number such as ``1.4x`` or an empty
+    cell from a trailing comma is not one)."""
+    cell = cell.strip()
+    return bool(cell) and (cell[0].isalpha() or cell[0] == "_")
+
+
+def _csv_layout(path: str, label_column: int, header_rule: str = "auto") -> tuple[bool, int]:
+    """``(has_header, width)``: whether line 1 is skipped as a header (``data.header``), and the
+    width of the first data row. ``auto``: line 1 is a header when it holds column names -- every
+    cell a number or a name (:func:`_is_name`), at least one a name (``x1,x2,label``;
+    ``0,1,2,label`` as pandas writes numbered columns; ``150,4,setosa,...``); a line 1 with a cell
+    that is neither is a data row whose bad cell is reported. A UTF-8 byte-order mark (Excel's
+    "CSV UTF-8") is ignored."""
     header = False
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             for lineno, row in enumerate(csv.reader(handle), start=1):
                 if not row or all(not c.strip() for c in row):
                     continue
-                if lineno == 1 and not all(_is_number(c) for c in row):
+                if lineno == 1 and (header_rule == "first_line" or header_rule == "auto" and any(
+                        _is_name(c) and not _is_number(c) for c in row) and all(
+                        _is_number(c) or _is_name(c) for c in row)):
                     header = True
                     continue
                 width = len(row)
@@ -533,17 +558,17 @@ def _csv_layout(path: str, label_column: int) -> tuple[bool, int]:
 def _csv_chunks(cfg: DataConfig, lines_out: list):
     """Yield ``(x, y)`` chunks of a CSV, checking each row; ``lines_out`` gets each chunk's file lines."""
     path, label_column = cfg.path, cfg.label_column
-    header, width = _csv_layout(path, label_column)
+    header, width = _csv_layout(path, label_column, cfg.header)
     col = label_column if label_column >= 0 else width + label_column
     xs, ys, lines = [], [], []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         for lineno, row in enumerate(csv.reader(handle), start=1):
             if (lineno == 1 and header) or not row or all(not c.strip() for c in row):
                 continue
             if len(row) != width:
                 raise DataError(f"{path}:{lineno}: expected {width} columns like the first row, got {len(row)}")
             try:
-                values = [float(c) for c in row]
+                values = [_number(c) for c in row]
             except ValueError:
                 bad = next(c for c in row if not _is_number(c))
                 raise DataError(f"{path}:{lineno}: {bad!r} is not a number") from None
@@ -566,6 +591,8 @@ def _csv_dataset(cfg: DataConfig, width: int, header: bool):
     lines = tf.data.TextLineDataset(cfg.path)
     if header:
         lines = lines.skip(1)
+    else:  # the first line may start with a UTF-8 byte-order mark
+        lines = lines.map(lambda t: tf.strings.regex_replace(t, "^\ufeff", ""))
     lines = lines.filter(lambda t: tf.strings.length(tf.strings.regex_replace(t, r"[\s,]", "")) > 0)
 
     def parse(line):
@@ -695,7 +722,7 @@ def _make_streamed(cfg: DataConfig, seed: int) -> Data:
 
     features = scan.features
     if cfg.name == "csv":
-        header, width = _csv_layout(path, cfg.label_column)
+        header, width = _csv_layout(path, cfg.label_column, cfg.header)
         rows = _csv_dataset(cfg, width, header)
     elif cfg.name == "npz":
         sig = (tf.TensorSpec([None, features], tf.float32), tf.TensorSpec([None], tf.int32))

@@ -65,6 +65,49 @@ def test_csv_errors_name_file_and_line(tmp_path):
         load_arrays(DataConfig(name="csv", path=str(path)))
 
 
+ROWS = "1.0,2.0,0\n3.0,4.0,1\n5.0,6.0,2\n"
+
+
+@pytest.mark.parametrize("first,header,kept", [
+    ("a,b,label\n", "auto", 3),          # column names
+    ("0,1,label\n", "auto", 3),          # pandas' numbered columns
+    ("150,4,setosa\n", "auto", 3),       # sklearn's iris.csv style
+    ("", "auto", 3),                      # no header
+    ("9.0,9.0,1\n", "first_line", 3),    # a numeric header line, skipped on request
+    ("\ufeffa,b,label\n", "auto", 3),    # Excel's "CSV UTF-8" byte-order mark, with a header
+    ("\ufeff7.0,8.0,1\n", "auto", 4),    # ... and without one: the first row is kept
+])
+def test_csv_header_rule(tmp_path, first, header, kept):
+    path = tmp_path / "d.csv"
+    path.write_text(first + ROWS, encoding="utf-8")
+    a = load_arrays(DataConfig(name="csv", path=str(path), header=header))
+    assert len(a.x) == kept and a.x[-1].tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("first,header,bad", [
+    ("5.0,1.4x,0\n", "auto", "'1.4x' is not a number"),  # a typo is not a column name: reported, not skipped
+    ("5.0,6.0,1,\n", "auto", "expected 3 columns|'' is not a number"),  # trailing comma
+    ("a,b,label\n", "none", "'a' is not a number"),
+    ("1_000,2.0,1\n", "auto", "'1_000' is not a number"),  # Python reads it, TensorFlow's CSV decoder does not
+])
+def test_csv_line_one_problems_are_reported_at_line_one(tmp_path, first, header, bad):
+    path = tmp_path / "d.csv"
+    path.write_text(first + ROWS)
+    with pytest.raises(DataError, match=rf"{path}:1: ({bad})"):
+        load_arrays(DataConfig(name="csv", path=str(path), header=header))
+
+
+def test_features_beyond_float32_are_reported(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("1,2,0\n3,1e300,1\n")
+    with pytest.raises(DataError, match=rf"{path}:2: feature is beyond float32's range .* \(1e\+300\)"):
+        load_arrays(DataConfig(name="csv", path=str(path)))
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.array([[1.0, 2.0], [3.0, -1e39]]), y=np.array([0, 1]))
+    with pytest.raises(DataError, match="row 1: feature is beyond float32's range"):
+        load_arrays(DataConfig(name="npz", path=str(npz)))
+
+
 def test_npz(tmp_path):
     path = tmp_path / "d.npz"
     x = np.arange(12, dtype=np.float64).reshape(6, 2)

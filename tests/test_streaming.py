@@ -109,3 +109,12 @@ def test_tfrecord_layout_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:-7])  # torn last record
     with pytest.raises(DataError, match=r"record 4: corrupted or truncated"):
         load_arrays(_cfg("tfrecord", path))
+
+
+def test_streamed_csv_with_a_byte_order_mark_and_no_header(tmp_path):
+    path = tmp_path / "bom.csv"
+    rows = [f"{i}.5,{i % 2}" for i in range(40)]
+    path.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    data = make_data(_cfg("csv", path, shuffle=False, shuffle_buffer=8), seed=0)
+    xs = np.concatenate([b[0].numpy() for b in data.eval_train])
+    assert data.streamed and xs[:, 0].tolist() == [i + 0.5 for i in range(40)]
