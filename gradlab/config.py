@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ INITIALIZERS: dict[str, tuple[str, ...]] = {
     "lecun_uniform": (),
     "orthogonal": ("gain",),
     "variance_scaling": ("scale", "mode", "distribution"),
+}
+# The string arguments of variance_scaling, with what Keras accepts.
+INITIALIZER_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("fan_in", "fan_out", "fan_avg"),
+    "distribution": ("truncated_normal", "untruncated_normal", "normal", "uniform"),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 OVERRIDE_SOURCE = "command line"
@@ -326,7 +332,7 @@ def _check_value(chk: _Checker, path: tuple, value: Any, meta: dict) -> Any:
                 return None
             chk.add(path, f"expected a non-empty string, got {_type_name(value)} {value!r}")
             return None
-        return value
+        return os.path.expanduser(value) if kind == "path" else value
     if kind == "int_list":
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
@@ -368,8 +374,12 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
     else:
         chk.add(path, f"expected an initializer name or mapping, got {_type_name(value)} {value!r}")
         return None
-    if name not in INITIALIZERS:
-        chk.add(path, f"{name!r} is not one of {', '.join(INITIALIZERS)}{_suggest(name, INITIALIZERS)}")
+    if not isinstance(name, str) or name not in INITIALIZERS:
+        chk.add(path, f"{name!r} is not one of {', '.join(INITIALIZERS)}"
+                      f"{_suggest(name, INITIALIZERS) if isinstance(name, str) else ''}")
+        return None
+    if name == "orthogonal" and path[-1] == "bias_initializer":
+        chk.add(path, "orthogonal needs a matrix (a kernel); a bias is a vector")
         return None
     allowed = INITIALIZERS[name]
     for key, arg in args.items():
@@ -377,16 +387,21 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
             chk.add(path + (key,), f"{name} takes no argument {key!r} (allowed: {', '.join(allowed) or 'none'})"
                     f"{_suggest(key, allowed)}")
             return None
-        if key in ("mode", "distribution"):
-            if not isinstance(arg, str):
-                chk.add(path + (key,), f"expected a string, got {arg!r}")
+        if key in INITIALIZER_CHOICES:
+            choices = INITIALIZER_CHOICES[key]
+            if not isinstance(arg, str) or arg not in choices:
+                chk.add(path + (key,), f"{arg!r} is not one of {', '.join(choices)}")
                 return None
         elif isinstance(arg, bool) or not isinstance(arg, (int, float)) or not math.isfinite(arg):
             chk.add(path + (key,), f"expected a finite number, got {_type_name(arg)} {arg!r}")
             return None
-        elif key == "stddev" and arg <= 0:
+        elif key in ("stddev", "scale") and arg <= 0:
             chk.add(path + (key,), f"{arg!r} is out of range (must be > 0)")
             return None
+    if name == "random_uniform" and args.get("minval", -0.05) >= args.get("maxval", 0.05):
+        chk.add(path, f"random_uniform needs minval < maxval, got [{args.get('minval', -0.05)}, "
+                      f"{args.get('maxval', 0.05)}]")
+        return None
     return {"name": name, **args} if args else name
 
 
@@ -526,7 +541,7 @@ def from_dict(raw: Any, *, file: str = "<dict>", lines: dict[tuple, int] | None 
     if not isinstance(log_dir, str) or not log_dir:
         chk.add(("log_dir",), f"expected a non-empty directory path, got {log_dir!r}")
     else:
-        values["log_dir"] = log_dir
+        values["log_dir"] = os.path.expanduser(log_dir)  # "~/runs" is the home directory, as in a shell
     for section, cls in SECTIONS.items():
         values[section] = _check_section(chk, section, raw.get(section), cls)
     _check_cross(chk, values)

@@ -350,7 +350,10 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
             for tag, points in read_scalars(path, "train").items():
                 for step, value in points:
                     obs.add(tag, step, value)
-        callbacks = [StepMetrics(log_dir=log_dir, every=exp.train.log_every)]
+        # Every run logs the step loss (train.log_every); a step_metrics entry in `diagnostics`
+        # takes its place rather than writing the same tags twice.
+        own = [d for d in diagnostics if isinstance(d, StepMetrics)]
+        callbacks = [] if own else [StepMetrics(log_dir=log_dir, every=exp.train.log_every)]
         callbacks += diagnostics
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(path), update_freq="epoch", write_graph=False))

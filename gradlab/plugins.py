@@ -37,10 +37,21 @@ def default_specs() -> tuple[DiagnosticSpec, ...]:
                  for d in DEFAULT_DIAGNOSTICS)
 
 
+IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def import_object(path: str) -> Any:
     """Import ``package.module:Name``; raises ``ImportError``/``AttributeError`` with a clear message."""
     module_name, _, attr = path.partition(":")
-    module = importlib.import_module(module_name)
+    if not IMPORT_PATH.match(path):
+        raise ImportError("expected 'package.module:Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise
+    except Exception as err:  # the module itself failed (syntax error, an exception at import)
+        raise ImportError(f"importing {module_name!r} raised {type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0]}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -163,8 +174,10 @@ def instantiate_callback(spec: CallbackSpec):
         raise _OptionError("class", f"{spec.cls!r} is not a keras.callbacks.Callback subclass")
     try:
         return cls(**dict(spec.args))
-    except (ValueError, TypeError) as err:
-        raise _OptionError("args", f"{spec.cls}({', '.join(spec.args)}): {str(err).splitlines()[0]}") from None
+    except Exception as err:  # the user's constructor: name the entry, not an internal error
+        what = "" if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: "
+        raise _OptionError("args", f"{spec.cls}({', '.join(spec.args)}): {what}"
+                                   f"{(str(err).splitlines() or [''])[0]}") from None
 
 
 def build_callbacks(exp: Experiment, log_dir: str) -> tuple[list, list]:

@@ -28,6 +28,16 @@ MALFORMED = [
     ("model:\n  kernel_initializer:\n    name: random_normal\n    stdev: 2\n", "model.kernel_initializer.stdev", 4,
      "did you mean stddev"),
     ("model:\n  bias_initializer: zeroes\n", "model.bias_initializer", 2, "did you mean zeros"),
+    ("model:\n  kernel_initializer:\n    name: variance_scaling\n    mode: bogus\n",
+     "model.kernel_initializer.mode", 4, "'bogus' is not one of fan_in, fan_out, fan_avg"),
+    ("model:\n  kernel_initializer:\n    name: variance_scaling\n    scale: -1\n",
+     "model.kernel_initializer.scale", 4, "must be > 0"),
+    ("model:\n  kernel_initializer:\n    name: random_uniform\n    minval: 1\n    maxval: 0\n",
+     "model.kernel_initializer", 2, "minval < maxval"),
+    ("model:\n  bias_initializer: orthogonal\n", "model.bias_initializer", 2, "a bias is a vector"),
+    ("model:\n  kernel_initializer:\n    name: [1]\n", "model.kernel_initializer", 2, "[1] is not one of"),
+    ("diagnostics:\n  - type: ':Foo'\n", "diagnostics.0.type", 2, "expected 'package.module:Name'"),
+    ("diagnostics:\n  - type: '..x:Y'\n", "diagnostics.0.type", 2, "expected 'package.module:Name'"),
     ("data:\n  name: csv\n", "data.path", None, "required when data.name is csv"),
     ("data:\n  name: iris\n  samples: 10\n", "data.samples", 3, "only used when data.name is synthetic"),
     ("train:\n  device: tpu\n", "train.device", 2, "auto, cpu, gpu"),
@@ -168,3 +178,9 @@ def test_validate_ok():
     proc = gradlab_cli("validate", "configs/default.yaml")
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout
+
+
+def test_a_home_directory_tilde_is_expanded_as_in_a_shell(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    exp = load_config({"log_dir": "~/runs", "data": {"name": "csv", "path": "~/d.csv"}}, check_plugins=False)
+    assert exp.log_dir == str(tmp_path / "runs") and exp.data.path == str(tmp_path / "d.csv")

@@ -173,3 +173,11 @@ def test_make_run_style_cli_prints_log_location_and_tensorboard_command(tmp_path
     assert len(run_dirs) == 1
     assert "run directory: runs/" in proc.stdout
     assert f"tensorboard --logdir runs/{run_dirs[0].name}" in proc.stdout
+
+
+def test_a_step_metrics_entry_replaces_the_built_in_one(tmp_path):
+    # train.log_every's step_metrics is always there; listing one in diagnostics must not log twice.
+    result = gradlab.run(tiny_config(diagnostics=[{"type": "step_metrics", "every": 2}]), run_dir=tmp_path / "r",
+                         quiet=True)
+    steps = [s for s, _ in read_scalars(result.run_dir)["step/loss"]]
+    assert steps == sorted(set(steps)) and steps[:2] == [0, 2]

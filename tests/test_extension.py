@@ -123,3 +123,27 @@ def test_plugin_option_errors_are_reported_with_the_yaml_line(tmp_path, plugin):
     assert any(line.startswith("bad.yaml:2:") or ":2: diagnostics.0.scale: `scale` (-1)" in line for line in lines), lines
     assert any(":3: diagnostics.1.type:" in line and "Nope" in line for line in lines), lines
     assert any(":5: callbacks.0.args:" in line for line in lines), lines
+
+
+def test_failing_user_code_is_tied_to_its_config_entry(tmp_path, monkeypatch):
+    name = f"failing_plugin_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent('''
+        import keras
+        class Boom(keras.callbacks.Callback):
+            def __init__(self):
+                raise RuntimeError("constructor boom")
+    '''))
+    (tmp_path / f"{name}_broken.py").write_text("def (:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yaml_path = tmp_path / "bad.yaml"
+    yaml_path.write_text("callbacks:\n"
+                         f"  - {{class: '{name}:Boom'}}\n"
+                         f"  - {{class: '{name}_broken:X'}}\n")
+    try:
+        with pytest.raises(ConfigError) as err:
+            gradlab.load_config(yaml_path)
+    finally:
+        sys.modules.pop(name, None)
+    lines = str(err.value).splitlines()
+    assert any(":2: callbacks.0.args:" in line and "RuntimeError: constructor boom" in line for line in lines), lines
+    assert any(":3: callbacks.1.class:" in line and "raised SyntaxError" in line for line in lines), lines
