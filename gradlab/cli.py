@@ -97,9 +97,9 @@ def _cmd_sweep(args) -> int:
 
     p = plan(args.config, args.axes)
     if args.timeout is not None and not args.timeout > 0:
-        from gradlab.errors import GradlabError
+        from gradlab.errors import UsageError
 
-        raise GradlabError(f"--timeout ({args.timeout:g}) must be a positive number of seconds")
+        raise UsageError(f"--timeout ({args.timeout:g}) must be a positive number of seconds")
     result = run_sweep(p, sweep_dir=args.sweep_dir, jobs=args.jobs, quiet=args.quiet, timeout=args.timeout)
     if result.failed:
         print(f"gradlab sweep: {len(result.failed)} of {len(result.runs)} runs failed "
@@ -111,17 +111,17 @@ def _cmd_sweep(args) -> int:
 def _cmd_check(args) -> int:
     from gradlab import gradcheck
     from gradlab.config import load_config
-    from gradlab.errors import GradlabError
+    from gradlab.errors import UsageError
 
     tolerance = gradcheck.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     if not tolerance > 0:
-        raise GradlabError(f"--tolerance ({tolerance:g}) must be a positive number, such as 1e-4")
+        raise UsageError(f"--tolerance ({tolerance:g}) must be a positive number, such as 1e-4")
     batch = gradcheck.DEFAULT_BATCH if args.batch is None else args.batch
     if batch < 1:
-        raise GradlabError(f"--batch ({batch}) must be a positive integer")
+        raise UsageError(f"--batch ({batch}) must be a positive integer")
     max_entries = gradcheck.DEFAULT_MAX_ENTRIES if args.max_entries is None else args.max_entries
     if max_entries < 0:
-        raise GradlabError(f"--max-entries ({max_entries}) must be 0 (all entries) or a positive integer")
+        raise UsageError(f"--max-entries ({max_entries}) must be 0 (all entries) or a positive integer")
     exp = load_config(args.config, args.overrides)
     result = gradcheck.check_config(exp, batch=batch, tolerance=tolerance, max_entries=max_entries)
     print(f"{args.config}: {exp.model.kind}" + (f" {list(exp.model.hidden)} {exp.model.activation}"

@@ -28,6 +28,12 @@ class ConfigError(GradlabError):
         return f"{where}: {path}: {message}" if path else f"{where}: {message}"
 
 
+class UsageError(GradlabError):
+    """A bad command-line argument (a value out of range, a path that is not what it should be)."""
+
+    exit_code = 2
+
+
 class DataError(GradlabError):
     """Bad data: a label out of range, NaN/Inf features, a shape mismatch, an unreadable file."""
 

@@ -212,9 +212,9 @@ def check_config(exp, *, batch: int = DEFAULT_BATCH, **kwargs) -> CheckResult:
     from gradlab.models import build_model
 
     if batch < 1:
-        from gradlab.errors import GradlabError
+        from gradlab.errors import UsageError
 
-        raise GradlabError(f"--batch ({batch}) must be a positive integer")
+        raise UsageError(f"--batch ({batch}) must be a positive integer")
     data = make_data(exp.data, exp.seed)
     x, y = data.x_train[:batch], data.y_train[:batch]
     with float64_policy():

@@ -25,7 +25,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from gradlab.errors import GradlabError
+from gradlab.errors import GradlabError, UsageError
 
 INSTALL_HINT = "gradlab report needs matplotlib, an optional extra: pip install 'gradlab[plot]'"
 PANELS = ("loss", "gradient norm", "activation health", "verdicts")
@@ -82,14 +82,14 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
     """``(title, runs)`` for a run directory or a sweep directory (one view per combination).
 
     Raises:
-        GradlabError: ``path`` is neither a gradlab run nor a sweep directory.
+        UsageError: ``path`` is neither a gradlab run nor a sweep directory.
     """
     from gradlab.events import read_scalars
     from gradlab.sweep import SUMMARY_FILE, describe_value, health_checked
 
     root = Path(path)
     if not root.is_dir():
-        raise GradlabError(f"RUN_OR_SWEEP_DIR {str(root)!r}: not a directory (give a run or sweep directory)")
+        raise UsageError(f"RUN_OR_SWEEP_DIR {str(root)!r}: not a directory (give a run or sweep directory)")
     if (root / SUMMARY_FILE).exists():
         summary = json.loads((root / SUMMARY_FILE).read_text())
         entries = [(root / r["name"], r) for r in summary.get("runs", [])]
@@ -97,7 +97,7 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
     elif _is_run(root):
         entries, title = [(root, None)], f"run {root}"
     else:
-        raise GradlabError(f"RUN_OR_SWEEP_DIR {str(root)!r}: not a gradlab run (no metrics.json or config.yaml) "
+        raise UsageError(f"RUN_OR_SWEEP_DIR {str(root)!r}: not a gradlab run (no metrics.json or config.yaml) "
                            "or sweep (no sweep.json)")
     views = []
     for run_dir, record in entries:
@@ -242,7 +242,7 @@ def report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Rep
 
     Raises:
         MissingPlotExtra: matplotlib is not installed (checked first, one line with the fix).
-        GradlabError: ``path`` is not a run or sweep directory, or ``out`` is not a ``.png`` file.
+        UsageError: ``path`` is not a run or sweep directory, or ``out`` is not a ``.png`` file.
     """
     try:
         import matplotlib  # noqa: F401
@@ -250,6 +250,6 @@ def report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Rep
         raise MissingPlotExtra(INSTALL_HINT) from None
     target = Path(out) if out is not None else Path(path) / "report.png"
     if target.suffix.lower() != ".png":
-        raise GradlabError(f"--out {str(target)!r}: must be a .png file")
+        raise UsageError(f"--out {str(target)!r}: must be a .png file")
     title, views = load_views(path)
     return draw(views, target, title)

@@ -50,7 +50,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from gradlab.config import Experiment, from_dict, load_raw, validate_plugins
-from gradlab.errors import ConfigError, GradlabError
+from gradlab.errors import ConfigError, GradlabError, UsageError
 from gradlab.experiment import new_directory
 
 SUMMARY_FILE = "sweep.json"
@@ -458,14 +458,14 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
         A :class:`SweepResult`. Failed combinations are in it, not raised.
 
     Raises:
-        GradlabError: ``jobs`` < 1; RunDirError: the sweep directory cannot be made.
+        UsageError: ``jobs`` < 1; RunDirError: the sweep directory cannot be made.
         KeyboardInterrupt: after stopping the running children and writing ``sweep.json``.
     """
     from gradlab import tb
     from gradlab.experiment import write_json
 
     if jobs < 1:
-        raise GradlabError(f"--jobs ({jobs}) must be a positive integer")
+        raise UsageError(f"--jobs ({jobs}) must be a positive integer")
     root = make_sweep_dir(p, sweep_dir)
     (root / "configs").mkdir()
     (root / "logs").mkdir()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from gradlab.errors import GradlabError
+from gradlab.errors import UsageError
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
@@ -245,21 +245,21 @@ def launch(logdir: str | os.PathLike, port: int = DEFAULT_PORT) -> int:
     """Serve TensorBoard for ``logdir`` on ``http://127.0.0.1:port/`` until Ctrl-C.
 
     Raises:
-        GradlabError: ``logdir`` is not a directory with event files, or the port is taken.
+        UsageError: ``logdir`` is not a directory with event files, or the port is taken.
     """
     path = Path(logdir)
     if not path.is_dir():
-        raise GradlabError(f"RUN_OR_SWEEP_DIR {str(path)!r}: not a directory (give a run or sweep directory)")
+        raise UsageError(f"RUN_OR_SWEEP_DIR {str(path)!r}: not a directory (give a run or sweep directory)")
     if not any(path.rglob("events.out.tfevents.*")):
-        raise GradlabError(f"RUN_OR_SWEEP_DIR {str(path)!r}: no TensorBoard event files under it "
+        raise UsageError(f"RUN_OR_SWEEP_DIR {str(path)!r}: no TensorBoard event files under it "
                            "(give a gradlab run or sweep directory)")
     if not 1 <= port <= 65535:
-        raise GradlabError(f"--port {port}: must be between 1 and 65535")
+        raise UsageError(f"--port {port}: must be between 1 and 65535")
     with socket.socket() as s:
         try:
             s.bind((HOST, port))
         except OSError:
-            raise GradlabError(f"--port {port}: already in use on {HOST} (choose another, e.g. --port "
+            raise UsageError(f"--port {port}: already in use on {HOST} (choose another, e.g. --port "
                                f"{free_port()})") from None
     from tensorboard import program
 

@@ -156,4 +156,4 @@ def test_cli_check_as_a_user(tmp_path):
         assert line.rstrip().endswith("ok") and float(line.split()[-2]) < 1e-6
     assert "passed: every variable within tolerance" in proc.stdout
     bad = gradlab_cli("check", str(ROOT / "configs" / "default.yaml"), "--tolerance", "-1")
-    assert bad.returncode != 0 and bad.stderr.strip() == "--tolerance (-1) must be a positive number, such as 1e-4"
+    assert bad.returncode == 2 and bad.stderr.strip() == "--tolerance (-1) must be a positive number, such as 1e-4"

@@ -84,7 +84,7 @@ def test_not_a_run_directory_is_one_line(tmp_path):
 
     (tmp_path / "empty").mkdir()
     proc = gradlab_cli("report", str(tmp_path / "empty"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input
     assert proc.stderr.strip() == (f"RUN_OR_SWEEP_DIR {str(tmp_path / 'empty')!r}: not a gradlab run "
                                    "(no metrics.json or config.yaml) or sweep (no sweep.json)")
-    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "x.jpg")]) == 1
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "x.jpg")]) == 2

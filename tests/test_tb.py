@@ -125,7 +125,7 @@ def test_tensorboard_serves_hparams_and_layout_on_localhost(sweep, tmp_path):
 
 def test_tensorboard_errors_are_one_line(tmp_path, sweep):
     proc = gradlab_cli("tensorboard", str(tmp_path / "nope"))
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"RUN_OR_SWEEP_DIR {str(tmp_path / 'nope')!r}: not a directory (give a run or sweep directory)"]
     import socket
 
