@@ -49,8 +49,13 @@ def _cmd_validate(args) -> int:
     from gradlab.config import load_config
 
     exp = load_config(args.config, args.overrides)
+    grid = ""
+    if exp.sweep:  # every combination of the grid, as gradlab sweep would check it
+        from gradlab.sweep import plan
+
+        grid = f"; sweep: {len(plan(args.config, args.overrides).combinations)} combinations ok"
     print(f"{args.config}: ok ({exp.model.kind} on {exp.data.name}, loss {exp.train.loss}, "
-          f"{exp.train.epochs} epochs)")
+          f"{exp.train.epochs} epochs{grid})")
     return 0
 
 

@@ -63,6 +63,7 @@ INITIALIZER_CHOICES: dict[str, tuple[str, ...]] = {
     "distribution": ("truncated_normal", "untruncated_normal", "normal", "uniform"),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_MAX = 100  # the run directory adds a timestamp; file systems allow 255 bytes
 OVERRIDE_SOURCE = "command line"
 
 
@@ -81,7 +82,7 @@ class DataConfig:
     name: str = _f("iris", "choice", "dataset: bundled, generated or a file", choices=DATASETS)
     path: str | None = _f(None, "path", "file to read (npz, csv, tfrecord datasets)",
                           only_for=("name", FILE_DATASETS))
-    batch_size: int = _f(32, "int", "samples per training step", minimum=1)
+    batch_size: int = _f(32, "int", "samples per training step", minimum=1, maximum=2**31 - 1)
     shuffle: bool = _f(True, "bool", "reshuffle every epoch; false keeps the file/generation order")
     shuffle_buffer: int = _f(10000, "int", "streamed files (npz, csv, tfrecord): rows in the shuffle buffer "
                              "(memory; in-memory datasets shuffle fully)", minimum=1,
@@ -93,7 +94,7 @@ class DataConfig:
     features: int = _f(4, "int", "synthetic: input features (the seed's 4)", minimum=1,
                        only_for=("name", ("synthetic",)))
     classes: int | None = _f(None, "int_or_null", "number of classes: synthetic default 3 (the seed's); "
-                             "for files, inferred as max label + 1 unless given", minimum=2,
+                             "for files, inferred as max label + 1 unless given", minimum=2, maximum=2**31 - 1,
                              only_for=("name", ("synthetic",) + FILE_DATASETS))
     cluster_std: float = _f(1.0, "float", "synthetic: standard deviation of each Gaussian blob",
                             minimum=0.0, exclusive_minimum=True, only_for=("name", ("synthetic",)))
@@ -527,9 +528,9 @@ def from_dict(raw: Any, *, file: str = "<dict>", lines: dict[tuple, int] | None 
             chk.add((key,), f"unknown key (allowed: {', '.join(TOP_LEVEL)}){_suggest(key, TOP_LEVEL)}")
     values: dict[str, Any] = {}
     name = raw.get("name", "experiment")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > NAME_MAX:
         chk.add(("name",), f"{name!r} must be a non-empty string of letters, digits, '_', '.', '-' "
-                           "(it becomes a directory name)")
+                           f"of at most {NAME_MAX} characters (it becomes a directory name)")
     else:
         values["name"] = name
     seed = raw.get("seed", 0)

@@ -261,13 +261,26 @@ def check_arrays(x: np.ndarray, y: np.ndarray, classes: int | None, source: str,
         raise DataError(f"{source}: {len(x)} feature rows but {len(y)} labels")
     if len(x) == 0:
         raise DataError(f"{source}: no samples")
-    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
-        raise DataError(f"{source}: features and labels must be numeric (got {x.dtype} and {y.dtype})")
+    if not all(np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating) for a in (x, y)):
+        raise DataError(f"{source}: features and labels must be real numbers (got {x.dtype} and {y.dtype})")
     yi = check_rows(x, y, classes, where)
-    n_classes = classes if classes is not None else int(yi.max()) + 1
+    n_classes = classes if classes is not None else inferred_classes(int(yi.max()), source)
     if n_classes < 2:
         raise DataError(f"{source}: found only {n_classes} class; a classifier needs at least 2")
     return Arrays(x.astype(np.float32), yi.astype(np.int32), n_classes, source)
+
+
+MAX_INFERRED_CLASSES = 100_000
+
+
+def inferred_classes(max_label: int, source: str) -> int:
+    """``max_label + 1``, the number of classes of labels ``0..max_label`` -- refused above
+    :data:`MAX_INFERRED_CLASSES`, where a stray large label would silently make a huge output
+    layer (set ``data.classes`` to mean it)."""
+    if max_label + 1 > MAX_INFERRED_CLASSES:
+        raise DataError(f"{source}: the largest label, {max_label}, would make {max_label + 1} classes; labels "
+                        f"must be class indices 0..K-1 (set data.classes to confirm a K above {MAX_INFERRED_CLASSES})")
+    return max_label + 1
 
 
 def load_arrays(cfg: DataConfig, seed: int = 0) -> Arrays:
@@ -711,7 +724,7 @@ def _make_streamed(cfg: DataConfig, seed: int) -> Data:
         first += len(x)
     if scan.rows == 0:
         raise DataError(f"{path}: no samples")
-    classes = cfg.classes if cfg.classes is not None else scan.max_label + 1
+    classes = cfg.classes if cfg.classes is not None else inferred_classes(scan.max_label, path)
     if classes < 2:
         raise DataError(f"{path}: found only {classes} class; a classifier needs at least 2")
     if cfg.validation_split > 0 and scan.val_rows == 0:

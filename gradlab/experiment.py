@@ -279,6 +279,12 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
             raise RunDirError("run: give a config (or resume=RUN_DIR)")
         exp = config if isinstance(config, Experiment) else load_config(config, overrides)
         resume_dir = None
+        if exp.data.path is not None and not os.path.isabs(exp.data.path):
+            # Saved absolute in the run's config.yaml, so --resume works from any directory.
+            exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, path=os.path.abspath(exp.data.path)))
+        if exp.sweep:
+            print("gradlab run: this config has a sweep: section; it trains the base config only "
+                  "(gradlab sweep runs the grid)", file=sys.stderr)
     import keras
 
     from gradlab import distribute, plugins

@@ -175,3 +175,13 @@ def test_standardize_uses_training_statistics():
     d = make_data(cfg)
     np.testing.assert_allclose(d.x_train.mean(axis=0), 0, atol=1e-5)
     np.testing.assert_allclose(d.x_train.std(axis=0), 1, atol=1e-4)
+
+
+def test_a_stray_huge_label_or_complex_features_are_refused(tmp_path):
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.zeros((3, 2)), y=np.array([0, 1, 10**12]))
+    with pytest.raises(DataError, match=r"largest label, 1000000000000, would make .*set data.classes"):
+        load_arrays(DataConfig(name="npz", path=str(npz)))
+    np.savez(npz, x=np.zeros((3, 2), complex), y=np.array([0, 1, 1]))
+    with pytest.raises(DataError, match="must be real numbers"):
+        load_arrays(DataConfig(name="npz", path=str(npz)))
