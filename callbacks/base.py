@@ -47,6 +47,7 @@ Example (a complete plug-in)::
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from collections import defaultdict
@@ -355,7 +356,9 @@ class Diagnostic(keras.callbacks.Callback):
         fn = self._probe_fns.get(key)
         if fn is None:
             model = self._probe_model
-            fn = self._probe_fns[key] = tf.function(lambda x, y: self.probe(model, x, y, **options),
+            # A partial, not a lambda: TensorFlow counts retracing per code object, so the lambdas of
+            # several diagnostics (one trace each) would add up to a bogus "frequent retracing" warning.
+            fn = self._probe_fns[key] = tf.function(functools.partial(self.probe, model, **options),
                                                     reduce_retracing=True, autograph=self.probe_autograph)
         return fn
 

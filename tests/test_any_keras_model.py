@@ -139,3 +139,25 @@ def test_gated_recurrent_layers_are_not_measured_as_tanh():
     kinds = observations_for(model).meta["activation"]
     assert kinds["lstm"] == "other" and kinds["dense"] == "tanh"
     assert "activations/lstm/saturated_fraction" not in observations_for(model).series
+
+
+def test_several_probe_diagnostics_on_several_models_do_not_warn_of_retracing():
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        x, y = _data(64)
+        for _ in range(3):  # each diagnostic traces its probe once per model: not "frequent retracing"
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+            model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[
+                GradientStats(log_dir=None, every=2, probe_data=(x, y)),
+                ActivationSaturation(log_dir=None, every=2, probe_data=(x, y)),
+                GradientNoise(log_dir=None, every=2, probe_data=(x, y))])
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "retracing" in r.getMessage()]
