@@ -76,6 +76,7 @@ The pure functions are XLA-safe (see the tests), and so is the step tap.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Callable, Sequence
 
@@ -85,6 +86,8 @@ import tensorflow as tf
 
 from gradlab import summaries
 from gradlab.callbacks.base import Diagnostic, register
+
+log = logging.getLogger("gradlab.gradient_noise")
 
 METHODS = ("auto", "vmap", "dense")
 SOURCES = ("auto", "step", "probe")
@@ -159,7 +162,9 @@ def per_sample_gradients(out_fn, loss_fn, params: Sequence[tf.Tensor], x: tf.Ten
 
     Vectorised with ``tf.vectorized_map`` (pfor): the function differentiating one sample's
     loss (a batch of one) is converted into batched ops, not run in a Python loop. A parameter
-    the loss does not depend on gets zeros.
+    the loss does not depend on gets zeros. A model pfor cannot convert (an Embedding feeding an
+    LSTM: its variant tensors) falls back to ``tf.map_fn``, one sample after another, with a
+    warning.
 
     Args:
         out_fn: ``(params, x) -> y_pred`` (see :func:`output_fn`).
@@ -174,9 +179,21 @@ def per_sample_gradients(out_fn, loss_fn, params: Sequence[tf.Tensor], x: tf.Ten
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = loss_fn(yi[None], out_fn(params, xi[None]))[0]
-        return tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return [tf.convert_to_tensor(g) for g in
+                tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
 
-    return tf.vectorized_map(one, (x, y))
+    tf_logger = logging.getLogger("tensorflow")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.CRITICAL)  # pfor logs every op it fails on before it gives up
+    try:
+        return tf.vectorized_map(one, (x, y))
+    except Exception as err:  # pfor cannot convert some models (e.g. Embedding then LSTM: variant tensors)
+        log.warning("gradient_noise: tf.vectorized_map cannot batch this model's per-sample gradients "
+                    "(%s: %s); computing them one sample at a time instead (slower)",
+                    type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+    finally:
+        tf_logger.setLevel(level)
+    return tf.map_fn(one, (x, y), fn_output_signature=[tf.TensorSpec(p.shape, p.dtype) for p in params])
 
 
 def moments_vmap(out_fn, loss_fn, params, x, y, chunk_size: int = 64) -> tuple[list, list]:

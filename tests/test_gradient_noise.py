@@ -76,6 +76,27 @@ def test_per_sample_gradients_match_python_loop(kind, hidden, loss):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-6, atol=1e-6)
 
 
+def test_per_sample_gradients_of_a_model_pfor_cannot_convert_fall_back_to_a_loop(caplog):
+    # Embedding then LSTM: tf.vectorized_map fails on the LSTM's variant tensors.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(10, 3),
+                              keras.layers.LSTM(2), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.integers(0, 10, (4, 5)).astype(np.int32))
+    y = tf.constant(rng.integers(0, 2, 4).astype(np.int32))
+    with caplog.at_level("WARNING", logger="gradlab.gradient_noise"):
+        got = tf.function(lambda p, x, y: gn.per_sample_gradients(
+            gn.output_fn(model), gn.per_sample_loss_fn(model), p, x, y))(gn.read_params(model), x, y)
+    assert "one sample at a time" in caplog.text
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for i in range(4):
+        with tf.GradientTape() as tape:
+            value = loss(y[i:i + 1], model(x[i:i + 1]))
+        for g, w in zip(got, tape.gradient(value, model.trainable_variables)):
+            np.testing.assert_allclose(g[i].numpy(), tf.convert_to_tensor(w).numpy(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind,hidden,loss", CASES)
 def test_dense_moments_equal_vmap_moments(kind, hidden, loss):
     model = _model(kind, hidden, loss)
