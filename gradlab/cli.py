@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gradlab: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # an internal error: one line unless debugging
-        if os.environ.get("GRADLAB_DEBUG"):
+        if os.environ.get("GRADLAB_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
             raise
         print(f"gradlab: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
               "(set GRADLAB_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 from gradlab.errors import DeviceError, WorkerLostError
 
@@ -94,4 +95,4 @@ def raise_if_worker_lost(err: BaseException, strategy, run_dir, step: int | None
     where = f" at step {step}" if step is not None else ""
     raise WorkerLostError(f"gradlab: worker {task_index()}: lost contact with another worker{where} "
                           f"({type(err).__name__}: {first}); the last checkpoint is intact -- restart every worker "
-                          f"with: gradlab run --resume {run_dir}") from None
+                          f"with: gradlab run --resume {shlex.quote(str(run_dir))}") from None

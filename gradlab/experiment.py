@@ -16,6 +16,8 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import secrets
+import shlex
 import shutil
 import sys
 import tempfile
@@ -51,8 +53,13 @@ def atomic_replace(path: str | os.PathLike):
     or the new one, never a half-written one; on error the temp file is removed.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    while True:  # like tempfile.mkstemp, but with the umask's mode (mkstemp's files are 0600)
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -461,4 +468,4 @@ def print_summary(path: Path, metrics: dict) -> None:
         line += f"; validation loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}"
     print(line)
     print(f"run directory: {path}")
-    print(f"view it: tensorboard --logdir {path}")
+    print(f"view it: tensorboard --logdir {shlex.quote(str(path))}")

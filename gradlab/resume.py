@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -48,7 +49,7 @@ ITERATIONS_TAG_SUFFIX = "_vs_iterations"
 
 
 def resume_command(run_dir: str | os.PathLike) -> str:
-    return f"gradlab run --resume {run_dir}"
+    return f"gradlab run --resume {shlex.quote(str(run_dir))}"
 
 
 # ---------------------------------------------------------------------------------------------

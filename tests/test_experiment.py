@@ -43,6 +43,9 @@ def test_run_directory_contents(tmp_path):
     assert gradlab.load_config(resolved).to_dict() == resolved
     metrics = read_metrics(run)
     assert metrics == result.metrics
+    (tmp_path / "plain").write_text("")  # an ordinary file's mode under this umask
+    mode = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {(run / f).stat().st_mode & 0o777 for f in ("config.yaml", "metrics.json")} == {mode}
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "steps", "status"):
         assert key in metrics
     assert metrics["status"] == "completed"
