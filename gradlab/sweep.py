@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -492,8 +493,11 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
                 combo, record = pending.pop(0)
                 out = open(root / "logs" / f"{combo.name}.out", "wb")
                 err = open(root / "logs" / f"{combo.name}.err", "wb")
+                # Its own session: a Ctrl-C at the terminal reaches the sweep only, which then
+                # interrupts each run exactly once (a second SIGINT could cut its checkpoint short).
                 proc = subprocess.Popen(_child_command(root / "configs" / f"{combo.name}.yaml", root / combo.name),
-                                        stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+                                        stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
                 record.status = "running"
                 running[proc] = (record, time.time(), [out, err])
             time.sleep(0.1)
@@ -519,12 +523,13 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
                     print(f"[{done}/{len(records)}] {record.name}: {record.status} ({record.seconds:.1f}s) {extra}",
                           flush=True)
     except KeyboardInterrupt:
+        _interrupt(list(running), quiet)
         for proc, (record, started, files) in running.items():
-            _stop(proc)
             for f in files:
                 f.close()
-            _finish(record, 130, root, started, time.time())
-            record.status = "interrupted"
+            _finish(record, proc.returncode, root, started, time.time())
+            if record.status != "completed":
+                record.status = "interrupted"
         for _, record in pending:
             record.status = "not run"
         write_json(root / SUMMARY_FILE, _summary(p, root, records, "interrupted"))
@@ -537,6 +542,32 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
         print(f"\nsweep directory: {root}")
         print(f"compare: gradlab tensorboard {root}   (HParams tab)  |  gradlab report {root}")
     return result
+
+
+INTERRUPT_GRACE = 60.0  # seconds an interrupted run gets to save its checkpoint and exit
+
+
+def _interrupt(procs: list, quiet: bool) -> None:
+    """Ctrl-C of the sweep: give each running child one SIGINT -- it saves a checkpoint and exits
+    130, resumable like any interrupted run -- and wait for them (at most :data:`INTERRUPT_GRACE`
+    seconds; a second Ctrl-C stops waiting); then terminate what is left."""
+    alive = [proc for proc in procs if proc.poll() is None]
+    for proc in alive:
+        proc.send_signal(signal.SIGINT)
+    if alive and not quiet:
+        print(f"gradlab sweep: interrupted; letting {len(alive)} running run(s) save a checkpoint "
+              "(Ctrl-C again to stop them now)", file=sys.stderr, flush=True)
+    deadline = time.time() + INTERRUPT_GRACE
+    try:
+        for proc in alive:
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 0.0))
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        pass
+    for proc in alive:
+        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:

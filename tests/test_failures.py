@@ -95,3 +95,29 @@ def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert (run / "checkpoints" / f"ckpt-{step}.index").exists()
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "interrupted" and state["step"] == step
+
+
+def test_sigint_to_a_sweep_lets_the_running_run_save_a_checkpoint(tmp_path):
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=200, checkpoint_every=1000),
+               sweep={"train.learning_rate": [0.05, 0.01]})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(cfg))
+    root = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "gradlab.cli", "sweep", str(path), "--sweep-dir", str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    t0 = time.time()
+    while not list(root.glob("*/train/events.out.tfevents.*")):
+        assert time.time() - t0 < 120 and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # the sweep only, as a terminal's Ctrl-C reaches it (runs have their own session)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    summary = json.loads((root / "sweep.json").read_text())
+    first, second = summary["runs"]
+    assert first["status"] == "interrupted" and first["exit_code"] == 130 and second["status"] == "not run"
+    run = root / first["name"]
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "interrupted"
+    assert (run / "checkpoints" / f"ckpt-{state['step']}.index").exists()
