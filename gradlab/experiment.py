@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import yaml
 
 from gradlab.config import Experiment, load_config
-from gradlab.errors import DeviceError, GradlabError, NonFiniteError, RunDirError, StorageError
+from gradlab.errors import DeviceError, GradlabError, NonFiniteError, RunDirError, RunInterrupted, StorageError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -306,11 +306,16 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
     if resume_dir is not None:
         path = resume_dir
     elif chief:
+        existed = run_dir is not None and Path(run_dir).exists()
         path = make_run_dir(exp, run_dir)
         try:
             write_json_config(path, exp)
         except OSError as err:
             raise RunDirError(f"{path}: cannot write {CONFIG_FILE} ({err.strerror or err})") from None
+        except KeyboardInterrupt:  # Ctrl-C before the run existed: leave no empty run directory behind
+            if not existed and not (path / CONFIG_FILE).exists():
+                shutil.rmtree(path, ignore_errors=True)
+            raise
     else:
         path = Path(run_dir) if run_dir is not None else None
     if not chief:
@@ -424,6 +429,10 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
                 write_state(status=kind, error=status["error"])
             except (OSError, ValueError):
                 pass  # the disk may be what failed; the checkpoint and config are what resume needs
+            if isinstance(err, KeyboardInterrupt) and not isinstance(err, RunInterrupted):
+                # Ctrl-C before training (and its checkpointing) began: still a resumable run.
+                raise RunInterrupted("gradlab: interrupted before training started; resume with: "
+                                     f"{resume_mod.resume_command(path)}") from None
         raise
     finally:
         keras.config.set_dtype_policy(previous_policy)

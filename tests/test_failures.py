@@ -121,3 +121,20 @@ def test_sigint_to_a_sweep_lets_the_running_run_save_a_checkpoint(tmp_path):
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "interrupted"
     assert (run / "checkpoints" / f"ckpt-{state['step']}.index").exists()
+
+
+def test_ctrl_c_before_training_started_is_still_resumable(tmp_path, monkeypatch):
+    from gradlab import plugins
+    from gradlab.errors import RunInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=1))
+    with monkeypatch.context() as m:
+        m.setattr(plugins, "build_callbacks", interrupted)
+        with pytest.raises(RunInterrupted, match=f"before training started; resume with: gradlab run --resume {tmp_path / 'r'}"):
+            gradlab.run(cfg, run_dir=tmp_path / "r", quiet=True)
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["status"] == "interrupted"
+    result = gradlab.run(None, resume=tmp_path / "r", quiet=True)
+    assert result.metrics["status"] == "completed" and result.metrics["steps"] == 15
