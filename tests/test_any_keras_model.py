@@ -160,4 +160,6 @@ def test_several_probe_diagnostics_on_several_models_do_not_warn_of_retracing():
                 GradientNoise(log_dir=None, every=2, probe_data=(x, y))])
     finally:
         logger.removeHandler(handler)
-    assert not [r for r in records if "retracing" in r.getMessage()]
+    # (Keras's own train functions share one code object across models: their warning is not ours)
+    assert not [r.getMessage() for r in records
+                if "retracing" in r.getMessage() and "TensorFlowTrainer" not in r.getMessage()]
