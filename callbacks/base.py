@@ -244,17 +244,16 @@ class Diagnostic(keras.callbacks.Callback):
 
         Keras passes the index in the epoch of the execution's last (first) step, so this costs no
         variable read per batch -- with four diagnostics those reads were a tenth of a step. With
-        ``steps_per_execution > 1`` Keras reports a short last execution of an epoch as a full one
-        (its "last step" lies past the epoch's end): the index is capped at the epoch's last batch,
-        and when the epoch's length is unknown the count is read instead.
+        ``steps_per_execution > 1`` the last execution of an epoch may run fewer steps than Keras
+        reports (the data ran out) or more than the epoch has (``steps_per_epoch`` with data
+        left: Keras runs whole executions): there, and whenever the epoch's length is unknown,
+        the count is read (once per epoch).
         """
         if self._epoch_start_step is None:
             return self.current_step()
-        if end:
+        if end and int(getattr(self.model, "steps_per_execution", 1) or 1) > 1:
             steps = (self.params or {}).get("steps")
-            if steps:
-                batch = min(batch, int(steps) - 1)
-            elif int(getattr(self.model, "steps_per_execution", 1) or 1) > 1:
+            if not steps or batch >= int(steps) - 1:
                 return self.current_step()
         return self._epoch_start_step + batch + (1 if end else 0)
 

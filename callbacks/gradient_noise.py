@@ -163,8 +163,8 @@ def per_sample_gradients(out_fn, loss_fn, params: Sequence[tf.Tensor], x: tf.Ten
     Vectorised with ``tf.vectorized_map`` (pfor): the function differentiating one sample's
     loss (a batch of one) is converted into batched ops, not run in a Python loop. A parameter
     the loss does not depend on gets zeros. A model pfor cannot convert (an Embedding feeding an
-    LSTM: its variant tensors) falls back to ``tf.map_fn``, one sample after another, with a
-    warning.
+    LSTM: its variant tensors) falls back to ``tf.map_fn``, one sample after another, with one
+    warning per model.
 
     Args:
         out_fn: ``(params, x) -> y_pred`` (see :func:`output_fn`).
@@ -182,18 +182,24 @@ def per_sample_gradients(out_fn, loss_fn, params: Sequence[tf.Tensor], x: tf.Ten
         return [tf.convert_to_tensor(g) for g in
                 tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
 
-    tf_logger = logging.getLogger("tensorflow")
-    level = tf_logger.level
-    tf_logger.setLevel(logging.CRITICAL)  # pfor logs every op it fails on before it gives up
-    try:
-        return tf.vectorized_map(one, (x, y))
-    except Exception as err:  # pfor cannot convert some models (e.g. Embedding then LSTM: variant tensors)
-        log.warning("gradient_noise: tf.vectorized_map cannot batch this model's per-sample gradients "
-                    "(%s: %s); computing them one sample at a time instead (slower)",
-                    type(err).__name__, (str(err).splitlines() or [""])[0][:200])
-    finally:
-        tf_logger.setLevel(level)
+    key = out_fn  # one output function per model (output_fn): its pfor verdict is remembered
+    if key not in _PFOR_FAILED:
+        tf_logger = logging.getLogger("tensorflow")
+        level = tf_logger.level
+        tf_logger.setLevel(logging.CRITICAL)  # pfor logs every op it fails on before it gives up
+        try:
+            return tf.vectorized_map(one, (x, y))
+        except Exception as err:  # pfor cannot convert some models (e.g. Embedding then LSTM: variant tensors)
+            _PFOR_FAILED[key] = True
+            log.warning("gradient_noise: tf.vectorized_map cannot batch this model's per-sample gradients "
+                        "(%s: %s); computing them one sample at a time instead (slower)",
+                        type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+        finally:
+            tf_logger.setLevel(level)
     return tf.map_fn(one, (x, y), fn_output_signature=[tf.TensorSpec(p.shape, p.dtype) for p in params])
+
+
+_PFOR_FAILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # output functions pfor failed on
 
 
 def moments_vmap(out_fn, loss_fn, params, x, y, chunk_size: int = 64) -> tuple[list, list]:

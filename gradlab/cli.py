@@ -53,7 +53,7 @@ def _cmd_validate(args) -> int:
     if exp.sweep:  # every combination of the grid, as gradlab sweep would check it
         from gradlab.sweep import plan
 
-        grid = f"; sweep: {len(plan(args.config, args.overrides).combinations)} combinations ok"
+        grid = f"; sweep: {len(plan(args.config, fixed=args.overrides).combinations)} combinations ok"
     print(f"{args.config}: ok ({exp.model.kind} on {exp.data.name}, loss {exp.train.loss}, "
           f"{exp.train.epochs} epochs{grid})")
     return 0

@@ -63,7 +63,7 @@ INITIALIZER_CHOICES: dict[str, tuple[str, ...]] = {
     "distribution": ("truncated_normal", "untruncated_normal", "normal", "uniform"),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-NAME_MAX = 100  # the run directory adds a timestamp; file systems allow 255 bytes
+NAME_MAX = 200  # the run directory adds "-YYYYmmdd-HHMMSS[-N]"; file systems allow 255 bytes
 OVERRIDE_SOURCE = "command line"
 
 
@@ -101,9 +101,9 @@ class DataConfig:
     standardize: bool = _f(False, "bool", "scale each feature to zero mean, unit variance (training-split statistics)")
     label_column: int = _f(-1, "int", "csv: index of the label column (negative counts from the end)",
                            only_for=("name", ("csv",)))
-    header: str = _f("auto", "choice", "csv: is line 1 a header? auto: when it holds column names (cells "
-                     "that are numbers or start with a letter or '_', at least one of them a name); "
-                     "first_line: always; none: never (a bad cell there is an error)",
+    header: str = _f("auto", "choice", "csv: is line 1 a header? auto: when a cell of it is a column name "
+                     "(starts with a letter or '_' and is not a number); first_line: always; none: never "
+                     "(a bad cell there is an error)",
                      choices=("auto", "first_line", "none"), only_for=("name", ("csv",)))
     x_key: str = _f("x", "str", "npz: array name of the features; tfrecord: float feature key",
                     only_for=("name", ("npz", "tfrecord")))
@@ -390,6 +390,8 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
             return None
         if key in INITIALIZER_CHOICES:
             choices = INITIALIZER_CHOICES[key]
+            if key == "distribution" and isinstance(arg, str):
+                arg = arg.lower()  # as Keras reads it (mode is case-sensitive there)
             if not isinstance(arg, str) or arg not in choices:
                 chk.add(path + (key,), f"{arg!r} is not one of {', '.join(choices)}")
                 return None

@@ -539,11 +539,11 @@ def _is_name(cell: str) -> bool:
 
 def _csv_layout(path: str, label_column: int, header_rule: str = "auto") -> tuple[bool, int]:
     """``(has_header, width)``: whether line 1 is skipped as a header (``data.header``), and the
-    width of the first data row. ``auto``: line 1 is a header when it holds column names -- every
-    cell a number or a name (:func:`_is_name`), at least one a name (``x1,x2,label``;
-    ``0,1,2,label`` as pandas writes numbered columns; ``150,4,setosa,...``); a line 1 with a cell
-    that is neither is a data row whose bad cell is reported. A UTF-8 byte-order mark (Excel's
-    "CSV UTF-8") is ignored."""
+    width of the first data row. ``auto``: line 1 is a header when at least one of its cells is a
+    column name (:func:`_is_name`: ``x1,x2,label``; ``0,1,2,label`` as pandas writes numbered
+    columns; ``,x1,label`` with pandas' unnamed index; ``150,4,setosa,...``); a line 1 without one
+    (``5.1,1.4x,0``, a typo; ``5.1,3.5,0,``, a trailing comma) is a data row whose bad cell is
+    reported. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is ignored."""
     header = False
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -551,8 +551,7 @@ def _csv_layout(path: str, label_column: int, header_rule: str = "auto") -> tupl
                 if not row or all(not c.strip() for c in row):
                     continue
                 if lineno == 1 and (header_rule == "first_line" or header_rule == "auto" and any(
-                        _is_name(c) and not _is_number(c) for c in row) and all(
-                        _is_number(c) or _is_name(c) for c in row)):
+                        _is_name(c) and not _is_number(c) for c in row)):
                     header = True
                     continue
                 width = len(row)
@@ -584,7 +583,8 @@ def _csv_chunks(cfg: DataConfig, lines_out: list):
                 values = [_number(c) for c in row]
             except ValueError:
                 bad = next(c for c in row if not _is_number(c))
-                raise DataError(f"{path}:{lineno}: {bad!r} is not a number") from None
+                hint = " (if line 1 is a header, set data.header: first_line)" if lineno == 1 else ""
+                raise DataError(f"{path}:{lineno}: {bad!r} is not a number{hint}") from None
             ys.append(values.pop(col))
             xs.append(values)
             lines.append(lineno)

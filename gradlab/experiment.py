@@ -336,6 +336,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
             write_json(path / resume_mod.STATE_FILE, state)
 
     stopped: list = []
+    fit_started = False
     try:
         with strategy.scope():
             model = build(exp, data, device)
@@ -384,6 +385,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
         if verbose == "auto":
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         model._gradlab_capture_iterator = True
+        fit_started = True  # from here on, Ctrl-C is the checkpointing callback's to handle
         try:
             history = model.fit(data.train_stream(exp.train.epochs, start), validation_data=data.validation,
                                 epochs=exp.train.epochs, initial_epoch=start // per_epoch, steps_per_epoch=per_epoch,
@@ -429,7 +431,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
                 write_state(status=kind, error=status["error"])
             except (OSError, ValueError):
                 pass  # the disk may be what failed; the checkpoint and config are what resume needs
-            if isinstance(err, KeyboardInterrupt) and not isinstance(err, RunInterrupted):
+            if isinstance(err, KeyboardInterrupt) and not isinstance(err, RunInterrupted) and not fit_started:
                 # Ctrl-C before training (and its checkpointing) began: still a resumable run.
                 raise RunInterrupted("gradlab: interrupted before training started; resume with: "
                                      f"{resume_mod.resume_command(path)}") from None

@@ -44,13 +44,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-from gradlab.config import Experiment, from_dict, load_raw, validate_plugins
+from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, validate_plugins
 from gradlab.errors import ConfigError, GradlabError, UsageError
 from gradlab.experiment import new_directory
 
@@ -236,8 +237,11 @@ def _lines_for(lines: dict, path: tuple, yaml_key: str | None, value_index: int)
 
 
 def plan(config: str | os.PathLike | Mapping[str, Any], axes: Sequence[str] = (), *,
-         check_plugins: bool = True) -> SweepPlan:
+         fixed: Sequence[str] = (), check_plugins: bool = True) -> SweepPlan:
     """Expand and validate the grid of ``config`` (its ``sweep:`` section) and ``axes`` (``key=a,b``).
+
+    ``fixed``: ``key.path=value`` overrides applied to the base config first, read as ``gradlab
+    run`` reads them (``a,b`` is one list value, not two combinations).
 
     Raises:
         ConfigError: the base config, an axis, or any combination is invalid. Each problem is one
@@ -248,6 +252,7 @@ def plan(config: str | os.PathLike | Mapping[str, Any], axes: Sequence[str] = ()
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([(file, 1, "", "expected a mapping of sections at the top level")])
+    raw, fixed_where = apply_overrides(raw, list(fixed))
     yaml_sweep = raw.get("sweep")
     grid: dict[str, list[Any]] = {}
     origin: dict[str, str | None] = {}  # axis -> YAML key (None: command line)
@@ -283,7 +288,7 @@ def plan(config: str | os.PathLike | Mapping[str, Any], axes: Sequence[str] = ()
         values = {k: grid[k][i] for k, i in zip(keys, picks)}
         data = _deepcopy(base)
         combo_lines = dict(lines)
-        overrides: dict[tuple, str] = {}
+        overrides: dict[tuple, str] = dict(fixed_where)
         for key, i in zip(keys, picks):
             path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
             _set_path(data, path, _deepcopy(grid[key][i]))
@@ -487,6 +492,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
     running: dict[subprocess.Popen, tuple[RunRecord, float, list]] = {}
     done = 0
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"), "PYTHONUNBUFFERED": "1"}
+    previous = _stop_signals_interrupt()  # runs have their own session: a hangup or kill must reach them via us
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -528,12 +534,15 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
             for f in files:
                 f.close()
             _finish(record, proc.returncode, root, started, time.time())
-            if record.status != "completed":
-                record.status = "interrupted"
+            if record.status not in ("completed", "stopped") and (proc.returncode == 130 or proc.returncode < 0):
+                record.status = "interrupted"  # it ended because the sweep was interrupted (or stopped it)
         for _, record in pending:
             record.status = "not run"
         write_json(root / SUMMARY_FILE, _summary(p, root, records, "interrupted"))
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     write_json(root / SUMMARY_FILE, _summary(p, root, records, "finished"))
     result = SweepResult(sweep_dir=root, runs=records)
     if not quiet:
@@ -542,6 +551,24 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
         print(f"\nsweep directory: {root}")
         print(f"compare: gradlab tensorboard {root}   (HParams tab)  |  gradlab report {root}")
     return result
+
+
+def _stop_signals_interrupt() -> dict:
+    """While a sweep runs, SIGTERM and SIGHUP (a closed terminal, ``kill``, ``timeout``) end it like
+    Ctrl-C, so its runs are interrupted and recorded rather than left running on their own.
+    Returns the previous handlers (none are changed outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, interrupt)
+    return previous
 
 
 INTERRUPT_GRACE = 60.0  # seconds an interrupted run gets to save its checkpoint and exit

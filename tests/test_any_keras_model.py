@@ -163,3 +163,18 @@ def test_several_probe_diagnostics_on_several_models_do_not_warn_of_retracing():
     # (Keras's own train functions share one code object across models: their warning is not ours)
     assert not [r.getMessage() for r in records
                 if "retracing" in r.getMessage() and "TensorFlowTrainer" not in r.getMessage()]
+
+
+def test_steps_per_epoch_with_data_left_counts_the_whole_last_execution():
+    # steps_per_epoch 3, steps_per_execution 2, a repeating dataset: Keras runs whole executions,
+    # so an epoch ends after 4 steps; the labels must follow the optimizer's count.
+    x, y = _data(64)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="out")])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=2)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).repeat()
+    model.fit(ds, steps_per_epoch=3, epochs=2, verbose=0,
+              callbacks=[GradientStats(log_dir=None, every=1, probe_data=(x, y))])
+    steps = [s for s, _ in observations_for(model).series["gradients/global_norm"]]
+    total = int(model.optimizer.iterations.numpy())
+    assert steps == sorted(set(steps)) and steps[-1] == total and total in (6, 8)

@@ -184,3 +184,18 @@ def test_a_home_directory_tilde_is_expanded_as_in_a_shell(monkeypatch, tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     exp = load_config({"log_dir": "~/runs", "data": {"name": "csv", "path": "~/d.csv"}}, check_plugins=False)
     assert exp.log_dir == str(tmp_path / "runs") and exp.data.path == str(tmp_path / "d.csv")
+
+
+
+def test_validate_reads_overrides_like_run_also_with_a_sweep_section(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model: {kind: mlp, hidden: [4]}\nsweep: {train.loss: [cross_entropy, mse]}\n")
+    proc = gradlab_cli("validate", str(cfg), "model.hidden=8,4", "diagnostics=gradient_stats,health")
+    assert proc.returncode == 0, proc.stderr
+    assert "sweep: 2 combinations ok" in proc.stdout
+
+
+def test_variance_scaling_distribution_is_case_insensitive_as_in_keras():
+    exp = load_config({"model": {"kernel_initializer": {"name": "variance_scaling", "distribution": "Uniform"}}},
+                      check_plugins=False)
+    assert exp.model.kernel_initializer["distribution"] == "Uniform"

@@ -72,6 +72,8 @@ ROWS = "1.0,2.0,0\n3.0,4.0,1\n5.0,6.0,2\n"
     ("a,b,label\n", "auto", 3),          # column names
     ("0,1,label\n", "auto", 3),          # pandas' numbered columns
     ("150,4,setosa\n", "auto", 3),       # sklearn's iris.csv style
+    (",x1,label\n", "auto", 3),          # pandas' unnamed index column (to_csv's default)
+    ("#x1,x2,label\n", "auto", 3),       # a commented header
     ("", "auto", 3),                      # no header
     ("9.0,9.0,1\n", "first_line", 3),    # a numeric header line, skipped on request
     ("\ufeffa,b,label\n", "auto", 3),    # Excel's "CSV UTF-8" byte-order mark, with a header
@@ -85,7 +87,7 @@ def test_csv_header_rule(tmp_path, first, header, kept):
 
 
 @pytest.mark.parametrize("first,header,bad", [
-    ("5.0,1.4x,0\n", "auto", "'1.4x' is not a number"),  # a typo is not a column name: reported, not skipped
+    ("5.0,1.4x,0\n", "auto", r"'1.4x' is not a number \(if line 1 is a header, set data.header: first_line\)"),
     ("5.0,6.0,1,\n", "auto", "expected 3 columns|'' is not a number"),  # trailing comma
     ("a,b,label\n", "none", "'a' is not a number"),
     ("1_000,2.0,1\n", "auto", "'1_000' is not a number"),  # Python reads it, TensorFlow's CSV decoder does not

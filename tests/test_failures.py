@@ -97,7 +97,8 @@ def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert state["status"] == "interrupted" and state["step"] == step
 
 
-def test_sigint_to_a_sweep_lets_the_running_run_save_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_a_sweep_lets_the_running_run_save_a_checkpoint(tmp_path, signum):
     cfg = dict(CFG, train=dict(CFG["train"], epochs=200, checkpoint_every=1000),
                sweep={"train.learning_rate": [0.05, 0.01]})
     path = tmp_path / "s.json"
@@ -111,7 +112,8 @@ def test_sigint_to_a_sweep_lets_the_running_run_save_a_checkpoint(tmp_path):
         assert time.time() - t0 < 120 and proc.poll() is None
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)  # the sweep only, as a terminal's Ctrl-C reaches it (runs have their own session)
+    # the sweep only, as a terminal's Ctrl-C or a kill reaches it (its runs have their own session)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     summary = json.loads((root / "sweep.json").read_text())
