@@ -311,18 +311,23 @@ def noise_statistics(s1: Sequence[tf.Tensor], s2: Sequence[tf.Tensor], n, groups
         are float64.
     """
     n = tf.cast(n, tf.float32)
+    n64 = tf.cast(n, tf.float64)
     per_param = []
+    # Per parameter, written to take few passes over the (large) parameter arrays -- this is most
+    # of a due step's cost. With a2 = a^2 and d = b - a2/n = (n-1) v_j: sum v = sum relu(d)/(n-1),
+    # sum m^2 = sum a2/n^2, v_j > rtol * b/n <=> relu(d) > rtol (n-1)/n * b, and
+    # m_j^2/v_j = (n-1)/n^2 * a2/relu(d); the constant factors are applied to the sums.
+    threshold = ZERO_VARIANCE_RTOL * (n - 1.0) / n
     for a, b in zip(s1, s2):
         a = tf.cast(a, tf.float32)
         b = tf.cast(b, tf.float32)
-        mean_sq = tf.square(a / n)
-        var = tf.maximum((b - n * mean_sq) / (n - 1.0), 0.0)
-        nonzero = var > ZERO_VARIANCE_RTOL * (b / n)
-        ratio = tf.where(nonzero, mean_sq / tf.where(nonzero, var, 1.0), 0.0)
-        per_param.append([tf.cast(tf.reduce_sum(t), tf.float64) for t in
-                          (var, mean_sq, ratio, tf.cast(nonzero, tf.float32))] +
-                         [tf.constant(float(var.shape.num_elements() or 0), tf.float64)])
-    n64 = tf.cast(n, tf.float64)
+        a2 = tf.square(a)
+        pos = tf.nn.relu(b - a2 * (1.0 / n))
+        kept = tf.where(pos > threshold * b, pos, 0.0)
+        sums = [tf.cast(tf.reduce_sum(t), tf.float64)
+                for t in (pos, a2, tf.math.divide_no_nan(a2, kept), tf.math.sign(kept))]
+        per_param.append([sums[0] / (n64 - 1.0), sums[1] / (n64 * n64), sums[2] * (n64 - 1.0) / (n64 * n64),
+                          sums[3], tf.constant(float(a.shape.num_elements() or 0), tf.float64)])
 
     def stats(indices):
         trace, msq, ratio_sum, count, size = (tf.add_n([per_param[i][k] for i in indices]) for k in range(5))
