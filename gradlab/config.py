@@ -282,6 +282,11 @@ class _Checker:
             if path[:n] in self.overrides:
                 self.problems.append((OVERRIDE_SOURCE, None, dotted, f"{message} [from {self.overrides[path[:n]]}]"))
                 return
+        if path not in self.lines:  # a key the file does not have, made by an override below it
+            below = next((text for key, text in self.overrides.items() if key[:len(path)] == path), None)
+            if below is not None:
+                self.problems.append((OVERRIDE_SOURCE, None, dotted, f"{message} [from {below}]"))
+                return
         line = None
         for n in range(len(path), 0, -1):
             if path[:n] in self.lines:
@@ -639,15 +644,16 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: list[str] | t
     data, where = apply_overrides(raw, list(overrides))
     exp = from_dict(data, file=file, lines=lines, overrides=where)
     if check_plugins:
-        validate_plugins(exp, lines=lines)
+        validate_plugins(exp, lines=lines, overrides=where)
     return exp
 
 
-def validate_plugins(exp: Experiment, lines: dict[tuple, int] | None = None) -> None:
+def validate_plugins(exp: Experiment, lines: dict[tuple, int] | None = None,
+                     overrides: dict[tuple, str] | None = None) -> None:
     """Check ``diagnostics`` types and options and ``callbacks`` import paths by asking the plug-ins."""
     from gradlab import plugins
 
-    problems = plugins.check_specs(exp, lines)
+    problems = plugins.check_specs(exp, lines, overrides)
     if problems:
         raise ConfigError(problems)
 

@@ -110,15 +110,19 @@ def _accepted(cls) -> tuple[set[str], bool]:
     return names, var_kw
 
 
-def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None) -> list[tuple]:
-    """Problems with the diagnostics and callbacks of ``exp``, as ``(file, line, path, message)``."""
-    lines = lines or {}
-    problems: list[tuple] = []
-    file = exp.source
+def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None,
+                overrides: dict[tuple, str] | None = None) -> list[tuple]:
+    """Problems with the diagnostics and callbacks of ``exp``, as ``(file, line, path, message)``
+    (a problem with a key set by a command-line override names the override)."""
+    from gradlab.config import _Checker
+
+    chk = _Checker(exp.source, lines or {}, overrides)
 
     def add(path: tuple, line: int | None, message: str):
-        dotted = ".".join(str(p) for p in path)
-        problems.append((file, lines.get(path, line), dotted, message))
+        if path in chk.lines or line is None or any(path[:n] in chk.overrides for n in range(1, len(path) + 1)):
+            chk.add(path, message)
+        else:  # the spec's own line (keys of a flow mapping have none of their own)
+            chk.problems.append((chk.file, line, ".".join(str(p) for p in path), message))
 
     for i, spec in enumerate(exp.diagnostics or ()):
         try:
@@ -135,7 +139,7 @@ def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None) -> list[
             instantiate_callback(spec)
         except _OptionError as err:
             add(("callbacks", i) + ((err.key,) if err.key else ()), spec.line, err.message)
-    return problems
+    return chk.problems
 
 
 class _OptionError(Exception):

@@ -199,3 +199,13 @@ def test_variance_scaling_distribution_is_case_insensitive_as_in_keras():
     exp = load_config({"model": {"kernel_initializer": {"name": "variance_scaling", "distribution": "Uniform"}}},
                       check_plugins=False)
     assert exp.model.kernel_initializer["distribution"] == "Uniform"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trian.epochs=1", "command line: trian: unknown key"),
+    ("diagnostics.0.every=0", "command line: diagnostics.0.every: `every` (0) must be a positive integer"),
+])
+def test_problems_made_by_an_override_name_the_command_line(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo_relu_dead.yaml", [override])
+    assert str(err.value).startswith(expected) and f"[from {override}]" in str(err.value)
