@@ -262,6 +262,15 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _described(value: Any) -> str:
+    """A value as YAML spells it, with its type: ``null``, ``boolean true``, ``string '1e3'``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    return f"{_type_name(value)} {value!r}"
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else {bool: "boolean", int: "integer", float: "number", str: "string",
                                          list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
@@ -300,7 +309,7 @@ def _check_value(chk: _Checker, path: tuple, value: Any, meta: dict) -> Any:
     kind = meta["kind"]
     if kind == "bool":
         if not isinstance(value, bool):
-            chk.add(path, f"expected true or false, got {_type_name(value)} {value!r}")
+            chk.add(path, f"expected true or false, got {_described(value)}")
             return None
         return value
     if kind in ("int", "float", "float_or_null", "int_or_null"):
@@ -318,7 +327,15 @@ def _check_value(chk: _Checker, path: tuple, value: Any, meta: dict) -> Any:
             ok = ok or isinstance(value, float)
         if not ok:
             want = "an integer" if kind == "int" else "a number"
-            chk.add(path, f"expected {want}, got {_type_name(value)} {value!r}")
+            hint = ""
+            if kind == "int" and isinstance(value, str):
+                try:
+                    as_float = float(value)
+                    if as_float.is_integer():  # PyYAML reads 1e3 as a string
+                        hint = f" (write {int(as_float)})"
+                except (ValueError, OverflowError):
+                    pass
+            chk.add(path, f"expected {want}, got {_described(value)}{hint}")
             return None
         if kind != "int":
             value = float(value)
@@ -336,7 +353,7 @@ def _check_value(chk: _Checker, path: tuple, value: Any, meta: dict) -> Any:
         if not isinstance(value, str) or not value:
             if kind == "path" and value is None:
                 return None
-            chk.add(path, f"expected a non-empty string, got {_type_name(value)} {value!r}")
+            chk.add(path, f"expected a non-empty string, got {_described(value)}")
             return None
         return os.path.expanduser(value) if kind == "path" else value
     if kind == "int_list":
@@ -378,7 +395,7 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
             return None
         name, args = value["name"], {k: v for k, v in value.items() if k != "name"}
     else:
-        chk.add(path, f"expected an initializer name or mapping, got {_type_name(value)} {value!r}")
+        chk.add(path, f"expected an initializer name or mapping, got {_described(value)}")
         return None
     if not isinstance(name, str) or name not in INITIALIZERS:
         chk.add(path, f"{name!r} is not one of {', '.join(INITIALIZERS)}"
@@ -401,7 +418,7 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
                 chk.add(path + (key,), f"{arg!r} is not one of {', '.join(choices)}")
                 return None
         elif isinstance(arg, bool) or not isinstance(arg, (int, float)) or not math.isfinite(arg):
-            chk.add(path + (key,), f"expected a finite number, got {_type_name(arg)} {arg!r}")
+            chk.add(path + (key,), f"expected a finite number, got {_described(arg)}")
             return None
         elif key in ("stddev", "scale") and arg <= 0:
             chk.add(path + (key,), f"{arg!r} is out of range (must be > 0)")
@@ -417,7 +434,7 @@ def _check_section(chk: _Checker, name: str, raw: Any, cls) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        chk.add((name,), f"expected a mapping of keys, got {_type_name(raw)} {raw!r}")
+        chk.add((name,), f"expected a mapping of keys, got {_described(raw)}")
         return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}

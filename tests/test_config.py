@@ -209,3 +209,14 @@ def test_problems_made_by_an_override_name_the_command_line(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config("configs/demo_relu_dead.yaml", [override])
     assert str(err.value).startswith(expected) and f"[from {override}]" in str(err.value)
+
+
+@pytest.mark.parametrize("section,value,expected", [
+    ({"train": {"epochs": "1e3"}}, None, "train.epochs: expected an integer, got string '1e3' (write 1000)"),
+    ({"train": {"epochs": True}}, None, "train.epochs: expected an integer, got boolean true"),
+    ({"data": {"shuffle": None}}, None, "data.shuffle: expected true or false, got null"),
+])
+def test_values_are_shown_as_yaml_spells_them(section, value, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(section, check_plugins=False)
+    assert str(err.value) == f"<dict>: {expected}"
