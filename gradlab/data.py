@@ -270,6 +270,14 @@ def check_arrays(x: np.ndarray, y: np.ndarray, classes: int | None, source: str,
     return Arrays(x.astype(np.float32), yi.astype(np.int32), n_classes, source)
 
 
+def _require_file(path: str) -> None:
+    """``DataError`` unless ``path`` is a file (``data.path``)."""
+    if Path(path).is_dir():
+        raise DataError(f"{path}: is a directory, not a data file (data.path)")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: data file not found (data.path)")
+
+
 MAX_INFERRED_CLASSES = 100_000
 
 
@@ -292,16 +300,15 @@ def load_arrays(cfg: DataConfig, seed: int = 0) -> Arrays:
     if cfg.name == "digits":
         return load_digits()
     if cfg.name == "csv":
+        _require_file(cfg.path)
         x, y, lines = load_csv(cfg.path, cfg.label_column, cfg.header)
         return check_arrays(x, y, cfg.classes, cfg.path, rows=lines)
     if cfg.name == "npz":
-        if not Path(cfg.path).is_file():
-            raise DataError(f"{cfg.path}: data file not found (data.path)")
+        _require_file(cfg.path)
         x, y = load_npz(cfg.path, cfg.x_key, cfg.y_key)
         return check_arrays(x, y, cfg.classes, cfg.path, row_word="row")
     if cfg.name == "tfrecord":
-        if not Path(cfg.path).is_file():
-            raise DataError(f"{cfg.path}: data file not found (data.path)")
+        _require_file(cfg.path)
         parts = list(_tfrecord_chunks(cfg))
         if not parts:
             raise DataError(f"{cfg.path}: no samples")
@@ -703,8 +710,7 @@ def _make_streamed(cfg: DataConfig, seed: int) -> Data:
     import tensorflow as tf
 
     path = cfg.path
-    if not Path(path).is_file():
-        raise DataError(f"{path}: data file not found (data.path)")
+    _require_file(path)
     scan = _Scan()
     first = 0
     if cfg.name == "csv":

@@ -107,7 +107,9 @@ def new_directory(explicit: str | os.PathLike | None, *, option: str, log_dir: s
     """
     if explicit is not None:
         path = Path(explicit)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"{option} {path}: is a file, not a directory (choose a new directory)")
+        if path.exists() and any(path.iterdir()):
             raise RunDirError(f"{option} {path}: already exists and is not empty; gradlab never overwrites a {what} "
                               f"(choose a new directory{', or --resume it' if what == 'run' else ''})")
         try:
@@ -117,6 +119,8 @@ def new_directory(explicit: str | os.PathLike | None, *, option: str, log_dir: s
         return path
     base = Path(log_dir)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if base.exists() and not base.is_dir():
+        raise RunDirError(f"log_dir: {str(base)!r} is a file, not a directory")
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -187,3 +187,9 @@ def test_a_stray_huge_label_or_complex_features_are_refused(tmp_path):
     np.savez(npz, x=np.zeros((3, 2), complex), y=np.array([0, 1, 1]))
     with pytest.raises(DataError, match="must be real numbers"):
         load_arrays(DataConfig(name="npz", path=str(npz)))
+
+
+def test_a_directory_given_as_data_path_is_named_as_one(tmp_path):
+    for name in ("csv", "npz", "tfrecord"):
+        with pytest.raises(DataError, match=rf"^{tmp_path}: is a directory, not a data file \(data.path\)$"):
+            load_arrays(DataConfig(name=name, path=str(tmp_path)))

@@ -140,3 +140,13 @@ def test_ctrl_c_before_training_started_is_still_resumable(tmp_path, monkeypatch
     assert json.loads((tmp_path / "r" / "state.json").read_text())["status"] == "interrupted"
     result = gradlab.run(None, resume=tmp_path / "r", quiet=True)
     assert result.metrics["status"] == "completed" and result.metrics["steps"] == 15
+
+
+def test_a_file_where_a_directory_should_be_is_named_as_one(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(RunDirError, match=r"--run-dir .*afile: is a file, not a directory"):
+        gradlab.run(CFG, run_dir=afile, quiet=True)
+    with pytest.raises(RunDirError, match=r"log_dir: '.*afile' is a file, not a directory"):
+        gradlab.run(dict(CFG, log_dir=str(afile)), quiet=True)
+    assert afile.read_text() == "keep me"
