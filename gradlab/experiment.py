@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import secrets
 import shlex
@@ -93,8 +94,23 @@ def _json_default(obj):
     return str(obj)
 
 
+def _finite_or_null(obj):
+    """``obj`` with every NaN/Inf number replaced by ``None``: JSON has no NaN, and files such as
+    ``metrics.json`` must parse with any JSON reader (a diverged run's loss is ``null``)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":  # numpy scalars and arrays
+        return _finite_or_null(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    text = json.dumps(_finite_or_null(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def new_directory(explicit: str | os.PathLike | None, *, option: str, log_dir: str, prefix: str,

@@ -524,7 +524,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
                 done += 1
                 write_json(root / SUMMARY_FILE, _summary(p, root, records, "running"))
                 if not quiet:
-                    extra = (f"loss {record.metrics['loss']:.4f}" if "loss" in record.metrics
+                    extra = (f"loss {record.metrics['loss']:.4f}" if record.metrics.get("loss") is not None
                              else (record.error or ""))
                     print(f"[{done}/{len(records)}] {record.name}: {record.status} ({record.seconds:.1f}s) {extra}",
                           flush=True)

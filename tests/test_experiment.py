@@ -184,3 +184,19 @@ def test_a_step_metrics_entry_replaces_the_built_in_one(tmp_path):
                          quiet=True)
     steps = [s for s, _ in read_scalars(result.run_dir)["step/loss"]]
     assert steps == sorted(set(steps)) and steps[:2] == [0, 2]
+
+
+def test_metrics_of_a_diverged_run_are_strict_json(tmp_path):
+    import json
+
+    cfg = tiny_config(train={"learning_rate": 1e38, "epochs": 4}, diagnostics=[{"type": "nonfinite", "action": "warn"}])
+    result = gradlab.run(cfg, run_dir=tmp_path / "r", quiet=True)
+    assert not np.isfinite(result.metrics["loss"]), "the run was meant to diverge"
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    for name in ("metrics.json", "state.json"):
+        data = json.loads((result.run_dir / name).read_text(), parse_constant=no_constants)
+        assert data["status"] == "completed"
+    assert json.loads((result.run_dir / "metrics.json").read_text())["loss"] is None
