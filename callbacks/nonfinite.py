@@ -285,6 +285,7 @@ class NonFiniteGuard(Diagnostic):
         nan = {int(i) for i in np.flatnonzero(np.isnan(sq))}
         event = describe(step, self._names, loss_bad, math.isnan(loss), bad, nan, loss)
         event["source"] = "probe batch"
+        event["message"] += " (on the probe batch)"  # not the training batch's loss, which may be finite
         return event
 
     def _grad_check(self, x, y):

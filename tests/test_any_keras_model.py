@@ -127,6 +127,8 @@ def test_nonfinite_warn_on_a_plain_model_reports_each_step_once():
     assert steps, "the run was meant to diverge"
     assert steps == sorted(set(steps))
     assert guard.count <= int(model.optimizer.iterations.numpy()) + 1
+    from_probe = [e["message"] for e in guard.events if e.get("source") == "probe batch"]
+    assert from_probe and all(m.endswith("(on the probe batch)") for m in from_probe)
 
 
 def test_gated_recurrent_layers_are_not_measured_as_tanh():
