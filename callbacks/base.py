@@ -48,7 +48,6 @@ Example (a complete plug-in)::
 from __future__ import annotations
 
 import functools
-import re
 import weakref
 from collections import defaultdict
 from typing import Any, ClassVar
@@ -58,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
+from gradlab.errors import first_line
 from gradlab.train_step import GradlabModel, Tap
 
 _REGISTRY: dict[str, type] = {}
@@ -272,7 +272,7 @@ class Diagnostic(keras.callbacks.Callback):
             x = _take_rows(x, self.probe_size, _count(model, "inputs"), "x")
             y = _take_rows(y, self.probe_size, _count(model, "outputs"), "y")
         except ValueError as e:
-            raise ValueError(f"{type(self).__name__}: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"{type(self).__name__}: {first_line(e)}") from None
         sizes = {int(t.shape[0]) for t in tf.nest.flatten((x, y))}
         if sizes == {0}:
             raise ValueError(f"{type(self).__name__}: probe_data has no samples (it needs at least one)")
@@ -289,11 +289,8 @@ class Diagnostic(keras.callbacks.Callback):
             y_pred = model(head[0], training=False)
             probe_loss(model, head[0], head[1], y_pred)
         except Exception as e:  # the model's or the loss's own message, shortened to one line
-            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-            lines = [line for line in lines if line and not line.startswith("Exception encountered")]
-            first = lines[0] if lines else type(e).__name__
             raise ValueError(f"{type(self).__name__}: probe_data does not fit the model or its loss: "
-                             f"{first[:300]}") from None
+                             f"{first_line(e)[:300]}") from None
 
     # ---- Keras hooks: schedule and dispatch ---------------------------------------------------
     def set_model(self, model):

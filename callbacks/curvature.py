@@ -340,7 +340,7 @@ class Curvature(Diagnostic):
 
     def on_train_begin(self, logs=None):
         self._verdicts = []
-        self._groups = layer_groups(self.model.trainable_variables, self.model) if self.per_layer else {}
+        self._groups = layer_groups(self.model) if self.per_layer else {}
         self._loss = batch_loss_fn(self.model)
         shapes = [tuple(v.shape) for v in self.model.trainable_variables]
         key = (tuple(shapes), tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))

@@ -86,6 +86,7 @@ import tensorflow as tf
 
 from gradlab import summaries
 from gradlab.callbacks.base import Diagnostic, register
+from gradlab.errors import first_line
 
 log = logging.getLogger("gradlab.gradient_noise")
 
@@ -144,12 +145,10 @@ def read_params(model) -> list[tf.Tensor]:
     return [tf.cast(tf.convert_to_tensor(v.value), tf.float32) for v in model.trainable_variables]
 
 
-def layer_groups(variables, model=None) -> dict[str, list[int]]:
-    """``{layer name: [indices into variables]}``, in first-appearance order (names as in
-    :func:`gradlab.summaries.variable_path` with ``model``)."""
+def layer_groups(model) -> dict[str, list[int]]:
+    """``{layer name: [indices into model.trainable_variables]}``, in first-appearance order."""
     groups: dict[str, list[int]] = {}
-    for i, v in enumerate(variables):
-        layer, _ = summaries.variable_path(v, model)
+    for i, (layer, _) in enumerate(summaries.variable_names(model)):
         groups.setdefault(layer, []).append(i)
     return groups
 
@@ -193,7 +192,7 @@ def per_sample_gradients(out_fn, loss_fn, params: Sequence[tf.Tensor], x: tf.Ten
             _PFOR_FAILED[key] = True
             log.warning("gradient_noise: tf.vectorized_map cannot batch this model's per-sample gradients "
                         "(%s: %s); computing them one sample at a time instead (slower)",
-                        type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+                        type(err).__name__, first_line(err)[:200])
         finally:
             tf_logger.setLevel(level)
     return tf.map_fn(one, (x, y), fn_output_signature=[tf.TensorSpec(p.shape, p.dtype) for p in params])
@@ -439,7 +438,7 @@ class GradientNoise(Diagnostic):
         from gradlab.train_step import Tap
 
         chain = DenseChain.of(model)
-        groups, theta = layer_groups(model.trainable_variables, model), self.theta
+        groups, theta = layer_groups(model), self.theta
         n_params = len(model.trainable_variables)
         # Without regularisation losses the step's own gradient is sum_i g_i / D: no extra matmul.
         reuse_grads = not model.losses
@@ -485,7 +484,7 @@ class GradientNoise(Diagnostic):
             raise ValueError(f"gradient_noise needs a probe batch of at least 2 samples (got {x.shape[0]})")
         self._loss_fn = per_sample_loss_fn(self.model)
         self._out_fn = output_fn(self.model)
-        self._groups = layer_groups(self.model.trainable_variables, self.model)
+        self._groups = layer_groups(self.model)
         self._chain = None
         self.method_used = "vmap"
         if self.method in ("auto", "dense"):

@@ -125,10 +125,6 @@ def _joint_norm(grads) -> tf.Tensor:
     return tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0)
 
 
-def _names(model) -> list[tuple[str, str]]:
-    return [summaries.variable_path(v, model) for v in model.trainable_variables]
-
-
 @register("gradient_stats")
 class GradientStats(Diagnostic):
     """Per-layer gradient statistics to TensorBoard (module docstring has the tags and math).
@@ -160,7 +156,7 @@ class GradientStats(Diagnostic):
 
     # ---- in-step tap
     def make_tap(self, model):
-        names = _names(model)
+        names = summaries.variable_names(model)
         layers = sorted({layer for layer, _ in names})
         hist = self.histogram_every > 0
 
@@ -214,7 +210,7 @@ class GradientStats(Diagnostic):
         for key, value in due.items():
             if key == "@histograms":
                 if hist_due:
-                    for (layer, var), buckets in zip(_names(self.model), value):
+                    for (layer, var), buckets in zip(summaries.variable_names(self.model), value):
                         self.histogram(summaries.tag("gradients", layer, var), buckets, step, buckets=None)
                 continue
             entry = tags.get(key)
@@ -251,7 +247,7 @@ class GradientStats(Diagnostic):
         grads = tape.gradient(loss, list(variables) + logits)
         out = {"@logits/norm": _joint_norm(grads[len(variables):])}
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads[:len(variables)], variables)]
-        for (layer, var), g in zip(_names(model), grads):
+        for (layer, var), g in zip(summaries.variable_names(model), grads):
             for stat, value in variable_stats(g).items():
                 out[f"{layer}/{var}/{stat}"] = value
         if self.histogram_every:
@@ -261,7 +257,7 @@ class GradientStats(Diagnostic):
     def write_probe(self, step, values):
         due = dict(values)
         if self._before is not None:
-            for (layer, var), v, b in zip(_names(self.model), self.model.trainable_variables,
+            for (layer, var), v, b in zip(summaries.variable_names(self.model), self.model.trainable_variables,
                                           self._before):
                 delta = np.asarray(v.numpy(), np.float32) - b
                 due[f"{layer}/{var}/update_ratio"] = float(update_ratio(delta, b))

@@ -162,7 +162,7 @@ class NonFiniteGuard(Diagnostic):
     def on_train_begin(self, logs=None):
         self.events, self.count = [], 0
         model = self.model
-        self._names = [summaries.variable_path(v, model) for v in model.trainable_variables]
+        self._names = summaries.variable_names(model)
         self._grad_probe = None
         if isinstance(model, GradlabModel):
             if self._previous_skip is None:

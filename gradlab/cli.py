@@ -156,7 +156,7 @@ COMMANDS.update(sweep=_cmd_sweep, check=_cmd_check, report=_cmd_report, tensorbo
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradlab`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    from gradlab.errors import GradlabError
+    from gradlab.errors import GradlabError, first_line
 
     try:
         return COMMANDS[args.command](args)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an internal error: one line unless debugging
         if os.environ.get("GRADLAB_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
             raise
-        print(f"gradlab: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+        print(f"gradlab: internal error: {type(err).__name__}: {first_line(err) if str(err) else ''} "
               "(set GRADLAB_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
+
+def first_line(err: BaseException) -> str:
+    """The first informative line of an exception's message, for a one-line report: terminal
+    colour codes removed, Keras's "Exception encountered when calling ..." preamble skipped; the
+    exception's type name when the message is empty."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+    return lines[0] if lines else type(err).__name__
+
 
 class GradlabError(Exception):
     """An error the user can fix; the CLI prints ``str(err)`` and exits with ``exit_code``."""

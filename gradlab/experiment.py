@@ -391,7 +391,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
                     obs.add(tag, step, value)
         # Every run logs the step loss (train.log_every); a step_metrics entry in `diagnostics`
         # takes its place rather than writing the same tags twice.
-        own = [d for d in diagnostics if isinstance(d, StepMetrics)]
+        own = any(isinstance(d, StepMetrics) for d in diagnostics)
         callbacks = [] if own else [StepMetrics(log_dir=log_dir, every=exp.train.log_every)]
         callbacks += diagnostics
         if chief:

@@ -164,7 +164,7 @@ def check_model(model, loss, x: np.ndarray, y: np.ndarray, **kwargs) -> CheckRes
     """
     import tensorflow as tf
 
-    from gradlab.summaries import variable_path
+    from gradlab.summaries import variable_names
 
     trainable = list(model.trainable_variables)
     non_trainable = [v.value for v in model.non_trainable_variables]
@@ -175,7 +175,7 @@ def check_model(model, loss, x: np.ndarray, y: np.ndarray, **kwargs) -> CheckRes
         out, _ = model.stateless_call(weights, non_trainable, x64, training=False)
         return loss(y_t, out)
 
-    names = ["/".join(variable_path(v, model)) for v in trainable]
+    names = ["/".join(pair) for pair in variable_names(model)]
     values = [np.asarray(v.numpy(), dtype=np.float64) for v in trainable]
     kwargs.setdefault("batch", int(np.shape(x)[0]))
     return check_function(loss_fn, values, names, **kwargs)

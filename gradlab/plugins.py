@@ -21,6 +21,7 @@ from importlib import metadata
 from typing import Any
 
 from gradlab.config import CallbackSpec, DiagnosticSpec, Experiment
+from gradlab.errors import first_line
 
 DEFAULT_DIAGNOSTICS: tuple[dict, ...] = (
     {"type": "gradient_stats", "every": 10},
@@ -50,8 +51,7 @@ def import_object(path: str) -> Any:
     except ImportError:
         raise
     except Exception as err:  # the module itself failed (syntax error, an exception at import)
-        raise ImportError(f"importing {module_name!r} raised {type(err).__name__}: "
-                          f"{(str(err).splitlines() or [''])[0]}") from None
+        raise ImportError(f"importing {module_name!r} raised {type(err).__name__}: {first_line(err)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -119,10 +119,7 @@ def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None,
     chk = _Checker(exp.source, lines or {}, overrides)
 
     def add(path: tuple, line: int | None, message: str):
-        if path in chk.lines or line is None or any(path[:n] in chk.overrides for n in range(1, len(path) + 1)):
-            chk.add(path, message)
-        else:  # the spec's own line (keys of a flow mapping have none of their own)
-            chk.problems.append((chk.file, line, ".".join(str(p) for p in path), message))
+        chk.add(path, message)  # the key's line, else its spec's (a key of a flow mapping has none of its own)
 
     for i, spec in enumerate(exp.diagnostics or ()):
         try:
@@ -180,8 +177,7 @@ def instantiate_callback(spec: CallbackSpec):
         return cls(**dict(spec.args))
     except Exception as err:  # the user's constructor: name the entry, not an internal error
         what = "" if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: "
-        raise _OptionError("args", f"{spec.cls}({', '.join(spec.args)}): {what}"
-                                   f"{(str(err).splitlines() or [''])[0]}") from None
+        raise _OptionError("args", f"{spec.cls}({', '.join(spec.args)}): {what}{first_line(err)}") from None
 
 
 def build_callbacks(exp: Experiment, log_dir: str) -> tuple[list, list]:

@@ -91,6 +91,11 @@ def variable_path(variable, model=None) -> tuple[str, str]:
     return layer, name
 
 
+def variable_names(model) -> list[tuple[str, str]]:
+    """``(layer, variable)`` of each of ``model``'s trainable variables (see :func:`variable_path`)."""
+    return [variable_path(v, model) for v in model.trainable_variables]
+
+
 def acquire_writer(log_dir: str):
     """A ``tf.summary`` file writer for ``log_dir``, shared by every caller until released."""
     import tensorflow as tf

@@ -396,8 +396,10 @@ def _last_line(path: Path) -> str | None:
     return lines[-1] if lines else None
 
 
-def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: float) -> None:
-    """Read the run's ``metrics.json``, decide its status, and complete its run directory."""
+def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: float,
+            interrupted: bool = False) -> None:
+    """Read the run's ``metrics.json``, decide its status, and complete its run directory.
+    ``interrupted``: the sweep was interrupted, so a run it had to kill counts as interrupted."""
     from gradlab.experiment import METRICS_FILE, write_json
 
     run_dir = sweep_dir / record.name
@@ -415,7 +417,7 @@ def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: 
         record.error = (metrics.get("stopped") or {}).get("message") or _last_line(sweep_dir / "logs" /
                                                                                    f"{record.name}.err")
     else:
-        record.status = "interrupted" if rc in (130, -2) else "failed"
+        record.status = "interrupted" if rc in (130, -2) or (interrupted and rc < 0) else "failed"
         record.error = (_last_line(sweep_dir / "logs" / f"{record.name}.err") or metrics.get("error")
                         or f"gradlab run exited with status {rc}")
     keep = ("loss", "accuracy", "val_loss", "val_accuracy", "steps", "epochs_completed")
@@ -533,9 +535,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
         for proc, (record, started, files) in running.items():
             for f in files:
                 f.close()
-            _finish(record, proc.returncode, root, started, time.time())
-            if record.status not in ("completed", "stopped") and (proc.returncode == 130 or proc.returncode < 0):
-                record.status = "interrupted"  # it ended because the sweep was interrupted (or stopped it)
+            _finish(record, proc.returncode, root, started, time.time(), interrupted=True)
         for _, record in pending:
             record.status = "not run"
         write_json(root / SUMMARY_FILE, _summary(p, root, records, "interrupted"))

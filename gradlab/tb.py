@@ -216,9 +216,9 @@ def write_model_layout(run_dir: str | os.PathLike, model) -> Path | None:
     """The layout for a built Keras model: layers with trainable weights; hidden (non-``logits``)
     layers with an activation also get activation charts. Never raises (a layout is a nicety)."""
     try:
-        from gradlab.summaries import variable_path
+        from gradlab.summaries import variable_names
 
-        layers = list(dict.fromkeys(variable_path(v, model)[0] for v in model.trainable_variables))
+        layers = list(dict.fromkeys(layer for layer, _ in variable_names(model)))
         acts = [layer.name for layer in model.layers if getattr(layer, "activation", None) is not None
                 and layer.name != "logits" and layer.name in layers]
         return write_layout(run_dir, layers, acts)

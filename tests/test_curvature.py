@@ -62,7 +62,7 @@ def _blocks(model, h):
     sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
     offsets = np.cumsum([0] + sizes)
     out = {}
-    for name, idx in cv.layer_groups(model.trainable_variables).items():
+    for name, idx in cv.layer_groups(model).items():
         rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx])
         out[name] = h[np.ix_(rows, rows)]
     return out
@@ -70,7 +70,7 @@ def _blocks(model, h):
 
 def _estimate(model, x, y, jit=False, iterations=2000, tolerance=1e-9):
     loss = cv.batch_loss_fn(model)
-    groups = cv.layer_groups(model.trainable_variables)
+    groups = cv.layer_groups(model)
 
     @tf.function(jit_compile=jit)
     def f(params):

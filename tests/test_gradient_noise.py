@@ -116,7 +116,7 @@ def test_statistics_match_numpy(kind, hidden, loss):
     model = _model(kind, hidden, loss)
     x, y = _batch(n=16)
     grads = loop_gradients(model, loss, x, y)
-    groups = gn.layer_groups(model.trainable_variables)
+    groups = gn.layer_groups(model)
     s1 = [tf.constant(g.sum(0)) for g in grads]
     s2 = [tf.constant((g.astype(np.float64) ** 2).sum(0).astype(np.float32)) for g in grads]
     got = {k: float(v) for k, v in gn.noise_statistics(s1, s2, 16, groups, theta=0.7).items()}
@@ -142,7 +142,7 @@ def test_edge_cases_zero_gradients_and_zero_variance():
 def test_xla_matches_graph():
     model = _model("mlp", (5,), "mse")
     x, y = _batch(n=16)
-    groups = gn.layer_groups(model.trainable_variables)
+    groups = gn.layer_groups(model)
     chain, loss_fn, out_fn = gn.DenseChain.of(model), gn.per_sample_loss_fn(model), gn.output_fn(model)
 
     def dense(p, x, y):
