@@ -133,6 +133,10 @@ class Diagnostic(keras.callbacks.Callback):
     #: Convert :meth:`probe` with AutoGraph. Set False when it has no tensor-dependent Python
     #: control flow: converting a long probe costs seconds of start-up per run.
     probe_autograph: ClassVar[bool] = True
+    #: Options that are step schedules. In a gradlab run with ``train.steps_per_execution`` k > 1
+    #: each must be a multiple of k (an unset one is rounded up): callbacks run between
+    #: executions, and a due step's outputs are captured once per execution.
+    schedule_options: ClassVar[tuple[str, ...]] = ("every",)
 
     def __init__(self, *, log_dir: str | None = None, every: int = 10, probe_data=None, probe_size: int = 256):
         super().__init__()

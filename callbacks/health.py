@@ -242,6 +242,8 @@ class Health(Diagnostic):
         exploding_min_history, dead_fraction, saturated_fraction: see :func:`judge`.
     """
 
+    schedule_options = ()  # `every` is a re-judging cadence: any value works between executions
+
     def __init__(self, *, log_dir: str | None = None, every: int = 50, vanishing_norm: float = 1e-6,
                  vanishing_ratio: float = 1e-3, converged_loss: float = 1e-3, exploding_factor: float = 10.0,
                  exploding_window: int = 10, exploding_min_history: int = 3, dead_fraction: float = 0.5,

@@ -138,6 +138,7 @@ class NonFiniteGuard(Diagnostic):
     """
 
     uses_tap = True
+    schedule_options = ()  # the tap checks every step; `every` is only how often Python looks
 
     def __init__(self, *, log_dir: str | None = None, action: str = "stop", every: int = 1,
                  probe_every: int = 100, probe_data=None, probe_size: int = 256):

@@ -21,7 +21,10 @@ class StepMetrics(Diagnostic):
     uses_tap = True
 
     def make_tap(self, model):
-        return Tap(every_step=lambda inp: {"loss": inp.loss}, every=self.every)
+        # A due output (the due step's loss) makes the step capture the window at each due step, so
+        # a write covers the steps since the previous due step also with steps_per_execution > 1.
+        return Tap(every_step=lambda inp: {"loss": inp.loss}, on_due=lambda inp: {"loss": inp.loss},
+                   every=self.every)
 
     def write_tap(self, step, values):
         w = values["window"].get("loss")

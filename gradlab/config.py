@@ -65,6 +65,7 @@ INITIALIZER_CHOICES: dict[str, tuple[str, ...]] = {
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NAME_MAX = 200  # the run directory adds "-YYYYmmdd-HHMMSS[-N]"; file systems allow 255 bytes
 OVERRIDE_SOURCE = "command line"
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max (no numpy import here)
 
 
 def _f(default: Any, kind: str, help: str, **rules: Any) -> Any:
@@ -423,6 +424,9 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
         elif key in ("stddev", "scale") and arg <= 0:
             chk.add(path + (key,), f"{arg!r} is out of range (must be > 0)")
             return None
+        elif abs(arg) > FLOAT32_MAX:  # the weights are float32: Keras fails to convert it
+            chk.add(path + (key,), f"{arg!r} is beyond float32's range (|value| <= {FLOAT32_MAX:.4g})")
+            return None
     if name == "random_uniform" and args.get("minval", -0.05) >= args.get("maxval", 0.05):
         chk.add(path, f"random_uniform needs minval < maxval, got [{args.get('minval', -0.05)}, "
                       f"{args.get('maxval', 0.05)}]")
@@ -461,8 +465,54 @@ def _check_section(chk: _Checker, name: str, raw: Any, cls) -> Any:
     return section
 
 
+def schedule_problem(every: int, steps_per_execution: int) -> str | None:
+    """Why a schedule of ``every`` steps cannot be kept with ``steps_per_execution``, or None.
+
+    Callbacks run between compiled executions, and a due step's outputs are captured once per
+    execution, so with ``steps_per_execution = k > 1`` a schedule must be a multiple of ``k``:
+    its due steps are then the first step of an execution (one per execution), and a probe at
+    step ``n`` sees the weights after exactly ``n`` updates. ``every <= 0`` (never) is fine.
+    """
+    k = steps_per_execution
+    if k <= 1 or every <= 0 or every % k == 0:
+        return None
+    lower = every // k * k
+    use = f"{lower} or {lower + k}" if lower else f"{k}"
+    return (f"{every} is not a multiple of train.steps_per_execution ({k}): diagnostics run between "
+            f"executions of {k} steps; use {use}")
+
+
+def check_execution_fits_epoch(exp: "Experiment", batches_per_epoch: int) -> None:
+    """Raise :class:`ConfigError` unless ``train.steps_per_execution`` divides the batches of an
+    epoch: Keras runs whole executions, so otherwise an epoch would train past its end (extra
+    steps, shifted epochs and step labels). Needs the data, so it runs when a run starts."""
+    k = exp.train.steps_per_execution
+    if k <= 1 or batches_per_epoch % k == 0:
+        return
+    divisors = [d for d in range(1, min(k, batches_per_epoch) + 1) if batches_per_epoch % d == 0][-4:]
+    raise ConfigError([(exp.source, None, "train.steps_per_execution",
+                        f"{k} does not divide the {batches_per_epoch} batches of an epoch (data.batch_size "
+                        f"{exp.data.batch_size}): an execution would run past the epoch's end; use "
+                        f"{', '.join(map(str, divisors))}, or change data.batch_size")])
+
+
+def round_to_execution(every: int, steps_per_execution: int) -> int:
+    """``every`` rounded up to a multiple of ``steps_per_execution`` (0 stays 0): how a default
+    schedule is kept with ``steps_per_execution > 1`` (see :func:`schedule_problem`)."""
+    k = max(1, steps_per_execution)
+    return -(-every // k) * k if every > 0 else every
+
+
 def _check_cross(chk: _Checker, exp: dict) -> None:
     data, model, train = exp["data"], exp["model"], exp["train"]
+    log_every = ("train", "log_every")
+    if log_every in chk.lines or log_every in chk.overrides:  # unset: rounded up (round_to_execution)
+        problem = schedule_problem(train.log_every, train.steps_per_execution)
+        if problem:
+            chk.add(log_every, problem)
+    if train.jit_compile and train.distribute == "mirrored" and train.cpu_devices > 1:
+        chk.add(("train", "jit_compile"), "XLA cannot compile a step mirrored over logical CPU devices (each "
+                                          "replica's variables live on its own device); set jit_compile: false")
     if data.name in FILE_DATASETS and not data.path:
         chk.add(("data", "path"), f"required when data.name is {data.name} (the file to read)")
     if model.kind == "mlp" and not model.hidden:

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from gradlab.config import Experiment, load_config
+from gradlab.config import Experiment, check_execution_fits_epoch, load_config, round_to_execution
 from gradlab.errors import DeviceError, GradlabError, NonFiniteError, RunDirError, RunInterrupted, StorageError
 
 CONFIG_FILE = "config.yaml"
@@ -322,6 +322,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
     strategy = distribute.make_strategy(exp.train)  # before any other TF work (MultiWorkerMirroredStrategy)
     chief = distribute.is_chief(strategy)
     data = make_data(exp.data, exp.seed)
+    check_execution_fits_epoch(exp, data.batches_per_epoch)
     work_dir = None  # where a non-chief worker keeps its throw-away checkpoints
     if resume_dir is not None:
         path = resume_dir
@@ -392,7 +393,8 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
         # Every run logs the step loss (train.log_every); a step_metrics entry in `diagnostics`
         # takes its place rather than writing the same tags twice.
         own = any(isinstance(d, StepMetrics) for d in diagnostics)
-        callbacks = [] if own else [StepMetrics(log_dir=log_dir, every=exp.train.log_every)]
+        callbacks = [] if own else [StepMetrics(log_dir=log_dir, every=round_to_execution(
+            exp.train.log_every, exp.train.steps_per_execution))]
         callbacks += diagnostics
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(path), update_freq="epoch", write_graph=False))

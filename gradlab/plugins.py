@@ -20,7 +20,7 @@ import re
 from importlib import metadata
 from typing import Any
 
-from gradlab.config import CallbackSpec, DiagnosticSpec, Experiment
+from gradlab.config import CallbackSpec, DiagnosticSpec, Experiment, round_to_execution, schedule_problem
 from gradlab.errors import first_line
 
 DEFAULT_DIAGNOSTICS: tuple[dict, ...] = (
@@ -32,9 +32,11 @@ DEFAULT_DIAGNOSTICS: tuple[dict, ...] = (
 INJECTED = ("log_dir",)
 
 
-def default_specs() -> tuple[DiagnosticSpec, ...]:
-    """The diagnostics a run gets when its config has no ``diagnostics`` key."""
-    return tuple(DiagnosticSpec(type=d["type"], options={k: v for k, v in d.items() if k != "type"})
+def default_specs(steps_per_execution: int = 1) -> tuple[DiagnosticSpec, ...]:
+    """The diagnostics a run gets when its config has no ``diagnostics`` key (their ``every``
+    rounded up to a multiple of ``steps_per_execution``: see :func:`gradlab.config.schedule_problem`)."""
+    return tuple(DiagnosticSpec(type=d["type"], options={k: round_to_execution(v, steps_per_execution)
+                                                         if k == "every" else v for k, v in d.items() if k != "type"})
                  for d in DEFAULT_DIAGNOSTICS)
 
 
@@ -127,8 +129,14 @@ def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None,
         except LookupError as err:
             add(("diagnostics", i, "type"), spec.line, str(err))
             continue
+        spe = exp.train.steps_per_execution
+        for name in getattr(cls, "schedule_options", ()):
+            value = spec.options.get(name)
+            problem = schedule_problem(value, spe) if type(value) is int else None
+            if problem:
+                add(("diagnostics", i, name), spec.line, problem)
         try:
-            instantiate_diagnostic(cls, spec, log_dir=None)
+            instantiate_diagnostic(cls, spec, steps_per_execution=spe, log_dir=None)
         except _OptionError as err:
             add(("diagnostics", i) + ((err.key,) if err.key else ()), spec.line, err.message)
     for i, spec in enumerate(exp.callbacks):
@@ -145,9 +153,21 @@ class _OptionError(Exception):
         self.key, self.message = key, message
 
 
-def instantiate_diagnostic(cls, spec: DiagnosticSpec, **injected):
-    """Construct ``cls`` with ``spec.options`` plus ``injected`` arguments (``log_dir``)."""
+def instantiate_diagnostic(cls, spec: DiagnosticSpec, steps_per_execution: int = 1, **injected):
+    """Construct ``cls`` with ``spec.options`` plus ``injected`` arguments (``log_dir``).
+
+    A schedule option (``cls.schedule_options``) the spec leaves unset gets its default rounded
+    up to a multiple of ``steps_per_execution``; a set one is checked by :func:`check_specs`.
+    """
     names, var_kw = _accepted(cls)
+    params = inspect.signature(cls.__init__).parameters
+    rounded = {}
+    for name in getattr(cls, "schedule_options", ()):
+        default = params[name].default if name in params else None
+        if name not in spec.options and type(default) is int:
+            value = round_to_execution(default, steps_per_execution)
+            if value != default:
+                rounded[name] = value
     for key in spec.options:
         if key in INJECTED:
             raise _OptionError(key, f"set by gradlab (the run directory); remove it")
@@ -157,7 +177,7 @@ def instantiate_diagnostic(cls, spec: DiagnosticSpec, **injected):
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise _OptionError(key, f"unknown option for {spec.type} (allowed: {', '.join(allowed)}){hint}")
     try:
-        return cls(**dict(spec.options), **injected)
+        return cls(**rounded, **dict(spec.options), **injected)
     except (ValueError, TypeError) as err:
         key, message = _arg_problem(err)
         raise _OptionError(key if key in spec.options else None, message) from None
@@ -182,7 +202,9 @@ def instantiate_callback(spec: CallbackSpec):
 
 def build_callbacks(exp: Experiment, log_dir: str) -> tuple[list, list]:
     """``(diagnostics, user callbacks)`` for a run writing TensorBoard events to ``log_dir``."""
-    specs = exp.diagnostics if exp.diagnostics is not None else default_specs()
-    diagnostics = [instantiate_diagnostic(resolve_diagnostic(s.type), s, log_dir=log_dir) for s in specs]
+    spe = exp.train.steps_per_execution
+    specs = exp.diagnostics if exp.diagnostics is not None else default_specs(spe)
+    diagnostics = [instantiate_diagnostic(resolve_diagnostic(s.type), s, steps_per_execution=spe, log_dir=log_dir)
+                   for s in specs]
     callbacks = [instantiate_callback(s) for s in exp.callbacks]
     return diagnostics, callbacks
