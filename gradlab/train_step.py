@@ -584,6 +584,8 @@ class GradlabModel(keras.Model):
             else:  # the same ops as Dense.call, keeping each layer's input and pre-activation
                 logits, layer_inputs, pre = _chain_forward(chain, x)
             loss = self.compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True)
+            if replicas > 1:
+                loss = self._replica_share(loss, x)
             scaled_loss = optimizer.scale_loss(loss)
         n_vars = len(variables)
         all_grads = tape.gradient(scaled_loss, list(variables) + [logits] + pre)
@@ -769,7 +771,8 @@ class GradlabModel(keras.Model):
           once and ``global_clipnorm`` clips the *global* gradient (Keras clips before its
           all-reduce, i.e. per replica).
         * loss: ``all_reduce(SUM)`` of the per-replica loss: the mean over the global batch for
-          ``mean`` (``sum_r mean_r / R``, exact for equal splits), the global sum for ``sum``.
+          ``mean`` (weighted by each replica's rows, :meth:`_replica_share`: exact for uneven
+          splits too), the global sum for ``sum``.
         * logits, dL/dlogits and labels: gathered from all replicas (the global batch, in order),
           so taps and metrics see every replica's samples.
         * batch weight: the global batch size, used to weight the loss tracker identically on
@@ -783,6 +786,23 @@ class GradlabModel(keras.Model):
         logits_grad = _gather(ctx, logits_grad)
         y = _gather(ctx, y) if y is not None else None
         return grads, global_loss, logits, logits_grad, y, tf.shape(logits)[0]
+
+    def _replica_share(self, loss, x):
+        """A replica's loss, weighted so that the sum over replicas is the global batch's mean.
+
+        For a mean reduction Keras's per-replica loss is ``mean_r / R``, and ``sum_r mean_r / R``
+        is the global mean only when the batch splits evenly (the last batch of an epoch often
+        doesn't: 15 rows on 2 replicas are 8 + 7). Returns ``loss * R * n_r / N`` (``n_r`` this
+        replica's rows, ``N`` the global batch): ``sum_r n_r mean_r / N``, exact for any split,
+        unchanged (a factor of exactly 1) for equal ones. A replica with no rows contributes 0
+        (its mean of nothing would be NaN). Other reductions are returned unchanged.
+        """
+        if getattr(self.loss, "reduction", None) != "sum_over_batch_size":
+            return loss
+        ctx = tf.distribute.get_replica_context()
+        rows = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+        share = float(ctx.num_replicas_in_sync) * rows / ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+        return tf.where(rows > 0, loss * tf.cast(share, loss.dtype), tf.zeros_like(loss))
 
     def _gradlab_logs(self, logs):
         """Keras 3 reduces step outputs under MultiWorkerMirroredStrategy with
@@ -799,7 +819,8 @@ class GradlabModel(keras.Model):
             return super().test_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         logits = self(x, training=False)
-        loss = self.compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=False)
+        loss = self._replica_share(self.compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight,
+                                                     training=False), x)
         ctx = tf.distribute.get_replica_context()
         global_loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
         logits = _gather(ctx, logits)
@@ -809,14 +830,17 @@ class GradlabModel(keras.Model):
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3 builds the model from the first *distributed* batch, reducing it with
-        # strategy.reduce(MEAN), which fails under MultiWorkerMirroredStrategy (keras#20585).
-        # The shapes are all it needs: build from a small local batch instead.
+        # strategy.reduce(MEAN), which fails under MultiWorkerMirroredStrategy (keras#20585) and,
+        # under any strategy, when the batch does not split evenly over the replicas (per-replica
+        # batches of 8 and 7 rows cannot be added). The shapes are all it needs: build from a
+        # small local batch instead.
         if iterator is not None and getattr(self, "_gradlab_capture_iterator", False):
             # gradlab.resume shortens the first epoch of a run resumed mid-epoch through it.
             self._gradlab_capture_iterator = False
             self._gradlab_epoch_iterator = iterator
         sample = getattr(self, "gradlab_probe_batch", None)
-        if data_batch is None and sample is not None and _is_multi_worker(self._distribute_strategy):
+        strategy = self._distribute_strategy
+        if data_batch is None and sample is not None and strategy is not None and strategy.num_replicas_in_sync > 1:
             x, y = sample
             return super()._maybe_symbolic_build(data_batch=(x[:2], y[:2]))
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
