@@ -25,7 +25,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from gradlab.errors import GradlabError, UsageError
+from gradlab.errors import GradlabError, UsageError, first_line
 
 INSTALL_HINT = "gradlab report needs matplotlib, an optional extra: pip install 'gradlab[plot]'"
 PANELS = ("loss", "gradient norm", "activation health", "verdicts")
@@ -53,6 +53,7 @@ class RunView:
     scalars: dict[str, list[tuple[int, float]]]
     steps_per_epoch: float | None
     label: str = ""
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -78,11 +79,160 @@ def _is_run(path: Path) -> bool:
     return (path / "metrics.json").exists() or (path / "config.yaml").exists()
 
 
+FINAL_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "steps", "epochs_completed")
+_JSON_TYPES = ((bool, "true/false"), (dict, "an object"), (list, "a list"), (str, "a string"),
+               ((int, float), "a number"), (type(None), "null"))
+
+
+def _got(value: Any) -> str:
+    """``a list ([1, 2])``: the JSON type of ``value`` and the value itself, shortened, for a message."""
+    kind = next((name for types, name in _JSON_TYPES if isinstance(value, types)), type(value).__name__)
+    try:
+        text = json.dumps(value, default=str)
+    except ValueError:
+        text = repr(value)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The parsed JSON of ``path``, or ``None`` when the file does not exist.
+
+    Raises:
+        UsageError: the file exists but cannot be read (a directory, no permission) or is not
+            valid JSON (including bytes that are not UTF-8); one line naming the file.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read {what} ({err.strerror or first_line(err)})") from None
+    try:
+        return json.loads(data)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise UsageError(f"{path}: not valid JSON ({first_line(err)}); expected {what}") from None
+
+
+def _check(path: Path, key: str, value: Any, types: tuple, allowed: str) -> None:
+    """Raise a one-line :class:`UsageError` unless ``value`` (at ``key`` in ``path``) is one of ``types``.
+
+    ``bool`` never counts as a number, although it is an ``int`` in Python."""
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        raise UsageError(f"{path}: {key}: expected {allowed}, got {_got(value)}")
+
+
+def _check_verdicts(path: Path, key: str, verdicts: Any) -> None:
+    _check(path, key, verdicts, (list, type(None)), "a list of verdict objects or null")
+    for i, v in enumerate(verdicts or []):
+        _check(path, f"{key}[{i}]", v, (dict,), "a verdict object")
+
+
+def _load_summary(path: Path) -> dict[str, Any]:
+    """The sweep's ``sweep.json``, checked enough to draw it.
+
+    Raises:
+        UsageError: not valid JSON, not an object, ``runs`` not a list of run records (objects
+            whose ``name`` is a plain directory name), or a record field of the wrong type.
+    """
+    what = "the sweep summary gradlab sweep writes"
+    summary = _read_json(path, what)
+    _check(path, "top level", summary, (dict,), f"an object ({what})")
+    runs = summary.get("runs", [])
+    _check(path, "runs", runs, (list,), "a list of run records")
+    for i, rec in enumerate(runs):
+        key = f"runs[{i}]"
+        _check(path, key, rec, (dict,), "a run record (an object)")
+        name = rec.get("name")
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise UsageError(f"{path}: {key}.name: expected the name of a run directory in the sweep "
+                             f"directory, got {_got(name)}")
+        for field, types, allowed in (("status", (str, type(None)), "a string or null"),
+                                      ("error", (str, type(None)), "a string or null"),
+                                      ("hparams", (dict, type(None)), "an object or null"),
+                                      ("metrics", (dict, type(None)), "an object or null"),
+                                      ("health_checked", (bool, type(None)), "true, false or null")):
+            _check(path, f"{key}.{field}", rec.get(field), types, allowed)
+        _check_verdicts(path, f"{key}.verdicts", rec.get("verdicts"))
+        _check_final(path, f"{key}.metrics", rec.get("metrics") or {})
+    _check(path, "name", summary.get("name"), (str, type(None)), "a string or null")
+    return summary
+
+
+def _check_final(path: Path, key: str, metrics: dict) -> None:
+    for field in ("steps", "epochs_completed"):
+        _check(path, f"{key}.{field}" if key else field, metrics.get(field), (int, float, type(None)),
+               "a number or null")
+
+
+def _load_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run's own ``metrics.json`` (``None`` when it has none), checked enough to draw it.
+
+    Raises:
+        UsageError: unreadable, not valid JSON, not an object, or ``status``/``error``/``verdicts``/
+            ``steps``/``epochs_completed`` of the wrong type.
+    """
+    path = run_dir / "metrics.json"
+    what = "the metrics gradlab run writes"
+    metrics = _read_json(path, what)
+    if metrics is None and not path.exists():
+        return None
+    _check(path, "top level", metrics, (dict,), f"an object ({what})")
+    for field in ("status", "error"):
+        _check(path, field, metrics.get(field), (str, type(None)), "a string or null")
+    _check_verdicts(path, "verdicts", metrics.get("verdicts"))
+    _check_final(path, "", metrics)
+    return metrics
+
+
+def _load_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``config.yaml`` (``None`` when it has none or it is empty).
+
+    Raises:
+        UsageError: unreadable, not valid YAML (with the line), not a mapping, or ``diagnostics``
+            not a list.
+    """
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise UsageError(f"{path}: cannot read the run's config ({reason})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise UsageError(f"{where}: not valid YAML ({problem}); expected the config gradlab run saves") from None
+    if config is None:
+        return None
+    _check(path, "top level", config, (dict,), "a mapping (the config gradlab run saves)")
+    _check(path, "diagnostics", config.get("diagnostics"), (list, type(None)), "a list or null")
+    return config
+
+
 def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
     """``(title, runs)`` for a run directory or a sweep directory (one view per combination).
 
+    Each run's own ``metrics.json`` wins over its record in the sweep's ``sweep.json``: the run
+    writes it last (a run interrupted in the sweep and finished later with ``gradlab run
+    --resume`` is ``completed`` with its final metrics and verdicts, although ``sweep.json`` still
+    says ``interrupted``). The record is the fallback for a run without ``metrics.json`` (never
+    started, or killed before writing it), and for the error line when both give the same status.
+    A run without a ``status`` anywhere is ``unknown``. An empty ``config.yaml`` counts as absent.
+
     Raises:
-        UsageError: ``path`` is neither a gradlab run nor a sweep directory.
+        UsageError: ``path`` is neither a gradlab run nor a sweep directory, or its ``sweep.json``,
+            a run's ``metrics.json`` or ``config.yaml`` cannot be read, does not parse, or holds
+            a value of the wrong type (one line naming the file and key).
     """
     from gradlab.events import read_scalars
     from gradlab.sweep import SUMMARY_FILE, describe_value, health_checked
@@ -91,9 +241,9 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
     if not root.is_dir():
         raise UsageError(f"RUN_OR_SWEEP_DIR {str(root)!r}: not a directory (give a run or sweep directory)")
     if (root / SUMMARY_FILE).exists():
-        summary = json.loads((root / SUMMARY_FILE).read_text())
+        summary = _load_summary(root / SUMMARY_FILE)
         entries = [(root / r["name"], r) for r in summary.get("runs", [])]
-        title = f"sweep {summary.get('name', root.name)} ({root})"
+        title = f"sweep {summary.get('name') or root.name} ({root})"
     elif _is_run(root):
         entries, title = [(root, None)], f"run {root}"
     else:
@@ -101,26 +251,34 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
                            "or sweep (no sweep.json)")
     views = []
     for run_dir, record in entries:
-        metrics: dict[str, Any] = {}
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        except (OSError, ValueError):
-            pass
+        record = record or {}
+        own = _load_metrics(run_dir) if run_dir.is_dir() else None
+        if own is not None and own.get("status"):
+            status = own["status"]
+            error = own.get("error") or (record.get("error") if record.get("status") == status else None)
+        else:
+            status = record.get("status") or (own or {}).get("status") or "unknown"
+            error = record.get("error") or (own or {}).get("error")
+        if own is not None:
+            final = {k: own[k] for k in FINAL_KEYS if k in own}
+            verdicts = list(own.get("verdicts") or [])
+        else:
+            final = dict(record.get("metrics") or {})
+            verdicts = list(record.get("verdicts") or [])
         scalars = read_scalars(run_dir) if run_dir.is_dir() else {}
-        steps, epochs = metrics.get("steps"), metrics.get("epochs_completed")
-        status = (record or {}).get("status") or metrics.get("status", "unknown")
-        error = (record or {}).get("error") or metrics.get("error")
+        steps, epochs = final.get("steps"), final.get("epochs_completed")
         label = ", ".join(f"{k.split('.')[-1]}={describe_value(v)}"
-                          for k, v in (record.get("hparams") or {}).items()) if record else ""
-        try:
-            import yaml
-
-            checked = health_checked(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        except (OSError, ValueError, AttributeError):
-            checked = (record or {}).get("health_checked", True)
+                          for k, v in (record.get("hparams") or {}).items())
+        config = _load_config(run_dir) if run_dir.is_dir() else None
+        if config is not None:
+            checked = health_checked(config)
+        else:
+            checked = record.get("health_checked")
+            checked = True if checked is None else checked
         views.append(RunView(name=run_dir.name, run_dir=run_dir, status=status, error=error,
-                             verdicts=list(metrics.get("verdicts") or []), health_checked=checked, scalars=scalars,
-                             steps_per_epoch=steps / epochs if steps and epochs else None, label=label))
+                             verdicts=verdicts, health_checked=checked, scalars=scalars,
+                             steps_per_epoch=steps / epochs if steps and epochs else None, label=label,
+                             metrics=final))
     return title, views
 
 
@@ -170,6 +328,7 @@ def draw(views: list[RunView], out: str | os.PathLike, title: str = "") -> Repor
 
     Raises:
         MissingPlotExtra: matplotlib is not installed.
+        UsageError: ``out`` cannot be written (see :func:`_save_png`); nothing is left at ``out``.
     """
     try:
         import matplotlib
@@ -230,11 +389,60 @@ def draw(views: list[RunView], out: str | os.PathLike, title: str = "") -> Repor
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    width, height = (int(round(v)) for v in fig.get_size_inches() * 90)
-    plt.close(fig)
+    try:
+        _save_png(fig, out)
+        width, height = (int(round(v)) for v in fig.get_size_inches() * 90)
+    finally:
+        plt.close(fig)
     return ReportResult(path=out, size=(width, height), panels=drawn)
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the PNG cannot go to ``out`` (it is a directory, or an existing ancestor of it is not
+    one), or ``None`` when nothing on the path rules it out."""
+    if out.is_dir():
+        return "is a directory"
+    for parent in out.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{str(parent)!r} is not a directory"
+    return None
+
+
+def _save_png(fig, out: Path) -> None:
+    """Write ``fig`` to ``out`` atomically: parent directories created, the PNG written to a
+    temporary file next to it and renamed over ``out``, so a failure (or Ctrl-C) leaves no
+    partial PNG behind.
+
+    Raises:
+        UsageError: the parent cannot be created or the file cannot be written (a parent that
+            is a file, no permission, a read-only or full disk); one line naming ``--out``.
+    """
+    import secrets
+
+    def fail(reason: str) -> UsageError:
+        return UsageError(f"--out {str(out)!r}: cannot write the report: {reason} "
+                          "(give a .png path in a writable directory)")
+
+    problem = _out_problem(out)
+    if problem:
+        raise fail(problem)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise fail(f"cannot create directory {str(out.parent)!r} ({err.strerror or first_line(err)})") from None
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            fig.savefig(f, format="png", dpi=90)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise fail(err.strerror or first_line(err)) from None
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> ReportResult:
@@ -242,7 +450,10 @@ def report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Rep
 
     Raises:
         MissingPlotExtra: matplotlib is not installed (checked first, one line with the fix).
-        UsageError: ``path`` is not a run or sweep directory, or ``out`` is not a ``.png`` file.
+        UsageError: ``path`` is not a run or sweep directory or holds a file gradlab cannot read
+            (:func:`load_views`); ``out`` is not a ``.png`` file, is a directory, lies under a file,
+            or cannot be created or written. A failed write leaves no partial PNG, and an existing
+            ``out`` is replaced only by a complete one.
     """
     try:
         import matplotlib  # noqa: F401
@@ -251,5 +462,9 @@ def report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Rep
     target = Path(out) if out is not None else Path(path) / "report.png"
     if target.suffix.lower() != ".png":
         raise UsageError(f"--out {str(target)!r}: must be a .png file")
+    problem = _out_problem(target)
+    if problem and Path(path).is_dir():  # fail before reading the runs; a bad RUN_OR_SWEEP_DIR is named first
+        raise UsageError(f"--out {str(target)!r}: cannot write the report: {problem} "
+                         "(give a .png path in a writable directory)")
     title, views = load_views(path)
     return draw(views, target, title)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -244,8 +246,17 @@ def tensorboard_argv(logdir: str | os.PathLike, port: int) -> list[str]:
 def launch(logdir: str | os.PathLike, port: int = DEFAULT_PORT) -> int:
     """Serve TensorBoard for ``logdir`` on ``http://127.0.0.1:port/`` until Ctrl-C.
 
+    Returns TensorBoard's own exit status when the server stops by itself (0 on SIGTERM, which
+    TensorBoard handles). Ctrl-C (SIGINT) stops the server cleanly (its socket closed, its info
+    file removed) and then raises ``KeyboardInterrupt``, which the CLI reports as one line with
+    exit status 130: Werkzeug's ``serve_forever`` swallows the ``KeyboardInterrupt`` and returns
+    normally, so without this the command would exit 0. The SIGINT handler is installed only
+    when called from the main thread (elsewhere Python cannot install one), and the previous
+    handler is restored afterwards.
+
     Raises:
         UsageError: ``logdir`` is not a directory with event files, or the port is taken.
+        KeyboardInterrupt: Ctrl-C, after the server stopped.
     """
     path = Path(logdir)
     if not path.is_dir():
@@ -266,4 +277,19 @@ def launch(logdir: str | os.PathLike, port: int = DEFAULT_PORT) -> int:
     board = program.TensorBoard()
     board.configure(argv=[None] + tensorboard_argv(path, port))
     print(f"gradlab: TensorBoard for {path} at http://{HOST}:{port}/ (Ctrl-C to stop)", flush=True)
-    return int(board.main() or 0)
+    interrupted: list[int] = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        status = int(board.main() or 0)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:  # the server caught the KeyboardInterrupt and shut down; report Ctrl-C
+        raise KeyboardInterrupt
+    return status

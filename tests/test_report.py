@@ -88,3 +88,168 @@ def test_not_a_run_directory_is_one_line(tmp_path):
     assert proc.stderr.strip() == (f"RUN_OR_SWEEP_DIR {str(tmp_path / 'empty')!r}: not a gradlab run "
                                    "(no metrics.json or config.yaml) or sweep (no sweep.json)")
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "x.jpg")]) == 2
+
+
+# --- a run resumed after its sweep was interrupted; bad input is one line, exit status 2 ----------
+
+def _copy_sweep(sweep, tmp_path):
+    import shutil
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report.png"))
+    return copy
+
+
+def _edit_record(sweep_dir, name, **fields):
+    import json
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    for rec in summary["runs"]:
+        if rec["name"] == name:
+            rec.update(fields)
+    (sweep_dir / "sweep.json").write_text(json.dumps(summary))
+
+
+def test_a_run_resumed_after_the_sweep_was_interrupted_reports_its_own_status(sweep, tmp_path):
+    """sweep.json still says interrupted (the sweep wrote it before the resume); the run's own
+    metrics.json, written when the resumed run completed, wins: status, error and final metrics."""
+    import json
+
+    from gradlab.report import _verdict_text, load_views
+
+    copy = _copy_sweep(sweep, tmp_path)
+    own = json.loads((copy / GOOD[0] / "metrics.json").read_text())
+    assert own["status"] == "completed"
+    _edit_record(copy, GOOD[0], status="interrupted", exit_code=130, metrics={}, verdicts=[],
+                 error=f"gradlab: interrupted at step 3; checkpoint saved in {copy / GOOD[0]}/checkpoints; "
+                       f"resume with: gradlab run --resume {copy / GOOD[0]}")
+    views = {v.name: v for v in load_views(copy)[1]}
+    view = views[GOOD[0]]
+    assert (view.status, view.error) == ("completed", None)
+    assert view.metrics["loss"] == own["loss"] and view.metrics["steps"] == own["steps"]
+    assert view.steps_per_epoch == own["steps"] / own["epochs_completed"]
+    assert view.verdicts == own.get("verdicts", [])
+    text = _verdict_text(view)
+    assert "interrupted" not in text and "resume" not in text
+
+    # sweep.json is the fallback for a run without metrics.json (e.g. killed before writing it)
+    (copy / GOOD[1] / "metrics.json").unlink()
+    _edit_record(copy, GOOD[1], status="interrupted", error="gradlab: interrupted at step 2", metrics={"steps": 2})
+    view = {v.name: v for v in load_views(copy)[1]}[GOOD[1]]
+    assert (view.status, view.error, view.metrics) == ("interrupted", "gradlab: interrupted at step 2", {"steps": 2})
+
+
+def _one_line_exit_2(capsys, *argv):
+    from gradlab import cli
+
+    status = cli.main(["report", *argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "internal error" not in err and "Traceback" not in err, (status, err)
+    return lines[0]
+
+
+def test_an_unwritable_out_is_one_line_and_writes_nothing(sweep, tmp_path, capsys):
+    run = sweep / GOOD[0]
+    afile = tmp_path / "somefile.yaml"
+    afile.write_text("x: 1\n")
+    for out in (afile / "r.png", afile / "deeper" / "r.png"):
+        line = _one_line_exit_2(capsys, str(run), "--out", str(out))
+        assert line == (f"--out {str(out)!r}: cannot write the report: {str(afile)!r} is not a directory "
+                        "(give a .png path in a writable directory)")
+    (tmp_path / "dir.png").mkdir()
+    line = _one_line_exit_2(capsys, str(run), "--out", str(tmp_path / "dir.png"))
+    assert line.startswith(f"--out {str(tmp_path / 'dir.png')!r}: cannot write the report: is a directory")
+    assert afile.read_text() == "x: 1\n" and list((tmp_path / "dir.png").iterdir()) == []
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_an_out_under_proc_is_one_line(sweep, capsys):
+    line = _one_line_exit_2(capsys, str(sweep / GOOD[0]), "--out", "/proc/x/r.png")
+    assert line.startswith("--out '/proc/x/r.png': cannot write the report: ")
+    assert line.endswith("(give a .png path in a writable directory)")
+
+
+def test_a_failed_write_leaves_no_partial_png(sweep, tmp_path, monkeypatch):
+    """The PNG goes to a temporary file renamed over --out: a write that fails half-way (disk full)
+    leaves neither a partial PNG nor the temporary file, and an existing report untouched."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from gradlab.errors import UsageError
+
+    def half_written(self, fname, *args, **kwargs):
+        f = open(fname, "wb") if isinstance(fname, (str, __import__("os").PathLike)) else fname
+        f.write(b"\x89PNG\r\n\x1a\n partial")
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "old.png").write_bytes(b"old report")
+    for name in ("new.png", "old.png"):
+        with pytest.raises(UsageError, match=r"cannot write the report: No space left on device"):
+            report(sweep / GOOD[0], out_dir / name)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["old.png"]
+    assert (out_dir / "old.png").read_bytes() == b"old report"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{bad", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+             "expected the sweep summary gradlab sweep writes"),
+    ("[1,2]", "top level: expected an object (the sweep summary gradlab sweep writes), got a list ([1, 2])"),
+    ('{"runs": 3}', "runs: expected a list of run records, got a number (3)"),
+    ('{"runs": [7]}', "runs[0]: expected a run record (an object), got a number (7)"),
+    ('{"runs": [{"name": "../x"}]}', 'runs[0].name: expected the name of a run directory in the sweep directory, '
+                                     'got a string ("../x")'),
+    ('{"runs": [{"name": "r", "hparams": [1]}]}', "runs[0].hparams: expected an object or null, got a list ([1])"),
+    ('{"runs": [{"name": "r", "verdicts": ["x"]}]}', 'runs[0].verdicts[0]: expected a verdict object, got a string ("x")'),
+])
+def test_a_broken_sweep_json_is_one_line(tmp_path, capsys, text, message):
+    (tmp_path / "sweep.json").write_text(text)
+    line = _one_line_exit_2(capsys, str(tmp_path), "--out", str(tmp_path / "r.png"))
+    assert line == f"{tmp_path / 'sweep.json'}: {message}"
+    assert not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1]", "top level: expected an object (the metrics gradlab run writes), got a list ([1])"),
+    ("null", "top level: expected an object (the metrics gradlab run writes), got null (null)"),
+    ("{1: 2}", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+               "expected the metrics gradlab run writes"),
+    ('{"verdicts": 3}', "verdicts: expected a list of verdict objects or null, got a number (3)"),
+    ('{"status": "completed", "steps": "6", "epochs_completed": 2}',
+     'steps: expected a number or null, got a string ("6")'),
+    ('{"status": ["completed"]}', 'status: expected a string or null, got a list (["completed"])'),
+])
+def test_a_broken_metrics_json_is_one_line(tmp_path, capsys, text, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(text)
+    line = _one_line_exit_2(capsys, str(run), "--out", str(tmp_path / "r.png"))
+    assert line == f"{run / 'metrics.json'}: {message}"
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_a_broken_run_metrics_json_in_a_sweep_is_one_line(sweep, tmp_path, capsys):
+    copy = _copy_sweep(sweep, tmp_path)
+    (copy / GOOD[1] / "metrics.json").write_text("[1]")
+    line = _one_line_exit_2(capsys, str(copy), "--out", str(tmp_path / "r.png"))
+    assert line.startswith(f"{copy / GOOD[1] / 'metrics.json'}: top level: expected an object")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\ntrain: {epochs: [1\n", ":3: not valid YAML (expected ',' or ']', but got '<stream end>'); "
+                                      "expected the config gradlab run saves"),
+    ("- 1\n- 2\n", ": top level: expected a mapping (the config gradlab run saves), got a list ([1, 2])"),
+    ("diagnostics: 5\n", ": diagnostics: expected a list or null, got a number (5)"),
+])
+def test_a_broken_config_yaml_is_one_line(tmp_path, capsys, text, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    line = _one_line_exit_2(capsys, str(run), "--out", str(tmp_path / "r.png"))
+    assert line == f"{run / 'config.yaml'}{message}"
+    assert not (tmp_path / "r.png").exists()

@@ -137,3 +137,33 @@ def test_tensorboard_errors_are_one_line(tmp_path, sweep):
 
         with pytest.raises(GradlabError, match=rf"^--port {busy}: already in use on 127.0.0.1"):
             tb.launch(sweep, busy)
+
+
+def test_ctrl_c_stops_tensorboard_with_exit_status_130(sweep, tmp_path):
+    """Werkzeug swallows KeyboardInterrupt; gradlab still exits 130 on Ctrl-C, without a traceback."""
+    port = tb.free_port()
+    exe = Path(sys.executable).with_name("gradlab")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gradlab.cli"]
+    err = open(tmp_path / "stderr.log", "w+")
+    proc = subprocess.Popen(cmd + ["tensorboard", str(sweep / GOOD[0]), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        deadline = time.monotonic() + 120  # a bound on the wait for the server, not a timed assertion
+        serving = False
+        while not serving and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=5) as r:
+                    serving = r.status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert serving, (tmp_path / "stderr.log").read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        log = (tmp_path / "stderr.log").read_text()
+        assert proc.returncode == 130, log[-2000:]
+        assert "Traceback" not in log and log.strip().splitlines()[-1] == "gradlab: interrupted"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        err.close()
