@@ -207,7 +207,8 @@ class NonFiniteGuard(Diagnostic):
             return TapVector(names, tf.concat([tf.where(ok, inf, step), tf.where(tf.math.is_nan(values), step, inf),
                                                tf.reshape(tf.cast(bad, tf.float32), [1])], 0))
 
-        return Tap(every_step=every_step, every=1, signal="bad")
+        # It sees loss-scale overflow steps: a NaN loss at such a step is still the model's problem.
+        return Tap(every_step=every_step, every=1, signal="bad", sees_overflow_steps=True)
 
     def on_train_batch_end(self, batch, logs=None):
         now = self.steps_done(batch)

@@ -71,6 +71,9 @@ class TapInputs:
             ``Dense`` layer, its input ``A_l`` (``[B, in]``) and ``d loss / d z_l`` at its
             pre-activation ``z_l = A_l W_l + b_l`` (``[B, units]``, loss scaling undone);
             otherwise ``None``.
+        overflow: with a ``LossScaleOptimizer`` (mixed_float16), a boolean scalar: this step's
+            scaled gradients overflowed, so the optimizer skips its update and lowers its scale
+            (routine, not the model's fault); ``None`` without loss scaling.
     """
 
     step: tf.Tensor
@@ -83,6 +86,7 @@ class TapInputs:
     weights_before: list | None = None
     layer_inputs: list | None = None
     pre_activation_grads: list | None = None
+    overflow: tf.Tensor | None = None
 
     @functools.cached_property
     def squared_norm_vector(self) -> tf.Tensor:
@@ -137,6 +141,10 @@ class Tap:
     #: Ask for :attr:`TapInputs.layer_inputs` and :attr:`TapInputs.pre_activation_grads` (the
     #: step then runs the model's Dense chain itself, op for op as ``Dense.call``).
     needs_layers: bool = False
+    #: Fold in the steps a ``LossScaleOptimizer`` skips because its scaled gradients overflowed
+    #: (:attr:`TapInputs.overflow`). By default a tap's window and due outputs leave them out:
+    #: their gradients are Inf/NaN by construction of the scale, not a property of the model.
+    sees_overflow_steps: bool = False
 
 
 def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
@@ -504,6 +512,14 @@ class GradlabModel(keras.Model):
         window = self._gradlab_window
         signals = new = None
         due_now = {} if plain else {id(state): due_at(state.tap.every) for state in states if state.has_due}
+        # A loss-scale overflow step is left out of the taps that don't see such steps: their
+        # window is unchanged by it and a due step that overflowed is not captured (the next one
+        # covers it).
+        overflow = inputs.overflow if any(not s.tap.sees_overflow_steps for s in states) else None
+        if overflow is not None:
+            for state in states:
+                if id(state) in due_now and not state.tap.sees_overflow_steps:
+                    due_now[id(state)] = tf.logical_and(due_now[id(state)], tf.logical_not(overflow))
         if window is not None:
             # Every tap's every-step scalars and a 1 per tap (its step count) in one vector, folded
             # into the shared window with one read and one assignment.
@@ -528,6 +544,9 @@ class GradlabModel(keras.Model):
             vec = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
             acc = window.value()
             new = tf.stack([vec, acc[1] + vec, tf.maximum(acc[2], vec), tf.minimum(acc[3], vec)])
+            if overflow is not None:
+                blind = tf.concat([tf.fill([s.width], not s.tap.sees_overflow_steps) for s in states], 0)
+                new = tf.where(tf.logical_and(overflow, blind)[tf.newaxis, :], acc, new)
             stored = new
             if due_now:  # a due tap's window is captured below and restarts (its `last` row survives)
                 flags = tf.concat([tf.fill([s.width], due_now[id(s)]) if s.has_due else tf.zeros([s.width], tf.bool)
@@ -682,6 +701,8 @@ class GradlabModel(keras.Model):
             if before is not None:
                 inputs.updates = _Updates(variables, before)
                 inputs.weights_before = list(before)
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                inputs.overflow = tf.logical_not(tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
             signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1 and not plain, plain=plain)
         logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
         if replicas == 1:  # with several replicas Keras would reduce them: they are read from the variables

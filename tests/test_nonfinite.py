@@ -215,3 +215,25 @@ def test_plain_keras_model_cannot_skip_steps():
     model = _plain_model()
     with pytest.raises(ValueError, match="`action` \\('skip_step'\\) needs a gradlab model"):
         model.fit(np.zeros((4, 4)), np.zeros(4), verbose=0, callbacks=[NonFiniteGuard(action="skip_step")])
+
+
+def test_loss_scale_overflow_steps_are_not_reported_as_exploding(tmp_path):
+    """mixed_float16 on unstandardised digits: the loss scaler's first scales overflow the float16
+    gradients for several steps (routine: it skips them and halves its scale). Those steps are
+    left out of the gradient statistics, so nothing is Inf and Health gives no exploding verdict."""
+    cfg = {"name": "mp", "seed": 0, "data": {"name": "digits", "standardize": False},
+           "model": {"kind": "mlp", "hidden": [64]},
+           "train": {"precision": "mixed_float16", "epochs": 1, "learning_rate": 0.01},
+           "diagnostics": [{"type": "gradient_stats", "every": 1, "histogram_every": 0},
+                           {"type": "nonfinite", "action": "stop"}, {"type": "health"}]}
+    result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    assert result.metrics["status"] == "completed"
+    scalars = read_scalars(result.run_dir)
+    norms = scalars["gradients/global_norm"]
+    assert all(math.isfinite(v) for _, v in scalars["gradients/global_norm/window_max"])
+    assert all(math.isfinite(v) for tag, series in scalars.items() if tag.startswith("gradients/")
+               for _, v in series), "an overflow step entered the gradient statistics"
+    # the skipped steps have no due write of their own (every: 1): some steps are missing
+    steps = [s for s, _ in norms]
+    assert len(steps) < result.metrics["steps"], "no step overflowed: the test no longer tests anything"
+    assert not any(v["verdict"] == "exploding" for v in result.metrics["verdicts"]), result.metrics["verdicts"]
