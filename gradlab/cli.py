@@ -14,9 +14,39 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line, ``gradlab CMD: error: ... (usage: ...)``, exit status 2."""
+
+    def error(self, message: str):
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        self.exit(2, f"{self.prog}: error: {message} (usage: {usage})\n")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: options and positionals mix freely (``check CFG --batch 4 key=value``).
+
+    argparse's plain parsing ends the ``nargs="*"`` overrides at the first option, so an override
+    after an option was an "unrecognized argument"; :meth:`parse_known_intermixed_args` parses the
+    options first, then every positional. Leftovers are an error of this subcommand."""
+
+    _nested = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._nested:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._nested = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._nested = False
+        if extras:  # an unknown option also leaves the positionals after it: name the option only
+            self.error(f"unrecognized arguments: {' '.join([e for e in extras if e.startswith('-')] or extras)}")
+        return namespace, extras
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradlab", description="Make gradients visible in TensorFlow/Keras training.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = _Parser(prog="gradlab", description="Make gradients visible in TensorFlow/Keras training.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
 
     r = sub.add_parser("run", help="train an experiment and log diagnostics to TensorBoard")
     r.add_argument("config", nargs="?", help="experiment YAML file (omit with --resume)")
@@ -46,16 +76,28 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from gradlab.config import load_config
+    from gradlab.config import apply_overrides, load_config, load_raw
+    from gradlab.errors import ConfigError
 
-    exp = load_config(args.config, args.overrides)
-    grid = ""
-    if exp.sweep:  # every combination of the grid, as gradlab sweep would check it
-        from gradlab.sweep import plan
+    raw, _, _ = load_raw(args.config)
+    data, _ = apply_overrides(raw, list(args.overrides))
+    if not (isinstance(data, dict) and data.get("sweep") is not None):
+        exp = load_config(args.config, args.overrides)
+        print(f"{args.config}: ok ({exp.model.kind} on {exp.data.name}, loss {exp.train.loss}, "
+              f"{exp.train.epochs} epochs)")
+        return 0
+    # A sweep config: check every combination as gradlab sweep does. The base alone need not be a
+    # valid experiment (a swept section may complete it); a problem of the base that every
+    # combination keeps is reported by the plan, once, at its YAML line.
+    from gradlab.sweep import plan
 
-        grid = f"; sweep: {len(plan(args.config, fixed=args.overrides).combinations)} combinations ok"
-    print(f"{args.config}: ok ({exp.model.kind} on {exp.data.name}, loss {exp.train.loss}, "
-          f"{exp.train.epochs} epochs{grid})")
+    p = plan(args.config, fixed=args.overrides)
+    try:
+        exp = load_config(args.config, args.overrides)
+        what = f"{exp.model.kind} on {exp.data.name}, loss {exp.train.loss}, {exp.train.epochs} epochs; "
+    except ConfigError:
+        what = ""
+    print(f"{args.config}: ok ({what}sweep: {len(p.combinations)} combinations ok)")
     return 0
 
 

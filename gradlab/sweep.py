@@ -25,7 +25,10 @@ Running
     process -- ``jobs`` at a time -- so one run's crash, memory or TensorFlow global state
     (dtype policy, op determinism, logical devices) cannot affect another. A failed
     combination is recorded with its error line (``status: failed``, also in the run's
-    ``metrics.json``) and the others go on.
+    ``metrics.json``) and the others go on. On Ctrl-C the running runs save a checkpoint and are
+    ``interrupted`` (resumable with ``gradlab run --resume``); a run stopped before its
+    ``config.yaml`` existed, and every run not yet started, is ``not run``: no directory, and the
+    record's ``error`` gives the ``gradlab run ... --run-dir ...`` command that starts it.
 
 HParams
     The sweep directory gets the HParams experiment (the varying hyperparameters and the
@@ -41,6 +44,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +56,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, validate_plugins
-from gradlab.errors import ConfigError, GradlabError, UsageError
+from gradlab.errors import ConfigError, GradlabError, RunInterrupted, UsageError
 from gradlab.experiment import new_directory
 
 SUMMARY_FILE = "sweep.json"
@@ -206,20 +210,77 @@ def _slug_value(value: Any) -> str:
 
 
 def run_name(index: int, values: Mapping[str, Any], varying: Sequence[str], width: int = 3) -> str:
-    """``NNN-key=value-key=value``: the index, then each varying axis's last key part and value,
-    with characters other than letters, digits, ``.=_-`` replaced by ``_``; at most 100 characters."""
-    parts = [f"{k.split('.')[-1]}={_slug_value(values[k])}" for k in varying]
+    """``NNN-key=value-key=value``: the index, then each varying axis's last key part (with the
+    list it indexes: ``hidden.0``) and value, with characters other than letters, digits, ``.=_-``
+    replaced by ``_``; at most 100 characters."""
+    parts = [f"{_short_key(k)}={_slug_value(values[k])}" for k in varying]
     slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", "-".join(parts)).strip("_")
     return (f"{index:0{width}d}" + (f"-{slug}" if slug else ""))[:100]
 
 
-def _set_path(data: dict, path: tuple, value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
+def _key_path(key: str) -> tuple:
+    """``model.hidden.0`` -> ``("model", "hidden", 0)``: a number is a list index, as in overrides."""
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+
+
+def _short_key(key: str) -> str:
+    """The last part of a key path, and the parts before it while they are list indexes:
+    ``train.loss`` -> ``loss``, ``model.hidden.0`` -> ``hidden.0``."""
+    parts = key.split(".")
+    n = len(parts) - 1
+    while n > 0 and parts[n].isdigit():
+        n -= 1
+    return ".".join(parts[n:])
+
+
+def _set_path(data: dict, key: str, value: Any) -> dict:
+    """A copy of ``data`` with ``value`` at the key path ``key``, placed where ``gradlab run`` places
+    an override (:func:`gradlab.config.apply_overrides` walks the path): a number indexes an item
+    of an existing list (``model.hidden.0``, ``diagnostics.0.every``), a missing mapping is created,
+    and the value replaces whatever is at the key (a whole section for a mapping value).
+
+    Raises:
+        _PathError: the path cannot be set (a list index out of range, a key inside a list or a
+            scalar); its message is one line naming the index and what is allowed.
+    """
+    path = _key_path(key)
+    try:
+        out, _ = apply_overrides(data, [f"{key}=null"])  # walks (and checks) the path like `run`
+    except ConfigError as err:
+        dotted = err.problems[0][2] if err.problems else key
+        where = _key_path(dotted) if dotted else path
+        node = data
+        for part in where[:-1]:  # the container that refused: it exists in `data` (only mappings are made)
+            node = node[part]
+        parent = ".".join(map(str, where[:-1])) or "the config"
+        last = where[-1]
+        if isinstance(node, list) and isinstance(last, int):
+            allowed = f"indexes 0 to {len(node) - 1}" if node else "no index can be set"
+            raise _PathError(dotted, f"list index {last} is out of range: {parent} has {len(node)} "
+                                     f"item{'s' if len(node) != 1 else ''} ({allowed})") from None
+        if isinstance(node, list):
+            raise _PathError(dotted, f"{parent} is a list: index it with a number "
+                                     f"(0 to {len(node) - 1})" if node else f"{parent} is an empty list") from None
+        kind = _kind(node)
+        raise _PathError(dotted, f"cannot set a key inside {parent}: it is {'an' if kind[0] in 'aeiou' else 'a'} "
+                                 f"{kind} ({describe_value(node)}), not a mapping") from None
+    node = out
+    for part in path[:-1]:  # every part exists now
         node = node[part]
     node[path[-1]] = value
+    return out
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), type(value).__name__)
+
+
+class _PathError(Exception):
+    """A sweep key path that cannot be set in the config: ``(dotted path, message)``."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path, self.message = path, message
 
 
 def _lines_for(lines: dict, path: tuple, yaml_key: str | None, value_index: int) -> dict:
@@ -286,19 +347,26 @@ def plan(config: str | os.PathLike | Mapping[str, Any], axes: Sequence[str] = ()
     plugin_checked: dict[str, list] = {}
     for index, picks in enumerate(combos_values):
         values = {k: grid[k][i] for k, i in zip(keys, picks)}
-        data = _deepcopy(base)
+        data = base
         combo_lines = dict(lines)
         overrides: dict[tuple, str] = dict(fixed_where)
-        for key, i in zip(keys, picks):
-            path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
-            _set_path(data, path, _deepcopy(grid[key][i]))
-            if origin[key] is None:
-                overrides[path] = f"sweep axis {axis_text[key]}"
-            else:
-                combo_lines = _lines_for(combo_lines, path, origin[key], i)
         label = ", ".join(f"{k}={describe_value(values[k])}" for k in varying) or "the only combination"
         where = f"sweep combination {index + 1} of {total}: {label}"
         try:
+            for key, i in zip(keys, picks):
+                path = _key_path(key)
+                try:
+                    data = _set_path(data, key, _deepcopy(grid[key][i]))
+                except _PathError as err:
+                    if origin[key] is None:
+                        raise ConfigError([(SOURCE_CLI, None, err.path,
+                                            f"{err.message} [from sweep axis {axis_text[key]}]")]) from None
+                    raise ConfigError([(file, lines.get(("sweep", origin[key])), f"sweep.{origin[key]}",
+                                        err.message)]) from None
+                if origin[key] is None:
+                    overrides[path] = f"sweep axis {axis_text[key]}"
+                else:
+                    combo_lines = _lines_for(combo_lines, path, origin[key], i)
             exp = from_dict(data, file=file, lines=combo_lines, overrides=overrides)
             if check_plugins:
                 key = json.dumps([exp.to_dict().get("diagnostics"), exp.to_dict().get("callbacks")], default=str)
@@ -399,8 +467,12 @@ def _last_line(path: Path) -> str | None:
 def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: float,
             interrupted: bool = False) -> None:
     """Read the run's ``metrics.json``, decide its status, and complete its run directory.
-    ``interrupted``: the sweep was interrupted, so a run it had to kill counts as interrupted."""
-    from gradlab.experiment import METRICS_FILE, write_json
+    ``interrupted``: the sweep was interrupted, so a run it had to kill counts as interrupted.
+
+    A run interrupted before it wrote its ``config.yaml`` never existed (``gradlab run`` removes
+    such a directory itself): it is recorded as ``not run``, with the command that starts it, and
+    no directory is left, so ``--run-dir`` can create it later."""
+    from gradlab.experiment import CONFIG_FILE, METRICS_FILE, write_json
 
     run_dir = sweep_dir / record.name
     record.exit_code, record.seconds = rc, round(ended - started, 2)
@@ -420,6 +492,11 @@ def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: 
         record.status = "interrupted" if rc in (130, -2) or (interrupted and rc < 0) else "failed"
         record.error = (_last_line(sweep_dir / "logs" / f"{record.name}.err") or metrics.get("error")
                         or f"gradlab run exited with status {rc}")
+    if record.status == "interrupted" and not (run_dir / CONFIG_FILE).is_file():
+        if run_dir.is_dir():  # made by the run, killed before its config.yaml: nothing there to resume
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _not_run(record, sweep_dir, "interrupted before the run wrote its config.yaml (no directory is left)")
+        return
     keep = ("loss", "accuracy", "val_loss", "val_accuracy", "steps", "epochs_completed")
     record.metrics = {k: metrics[k] for k in keep if k in metrics}
     record.verdicts = list(metrics.get("verdicts") or [])
@@ -436,6 +513,20 @@ def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: 
                      group=record.name, start_time=started, end_time=ended, step=int(metrics.get("steps") or 0))
 
 
+NOT_RUN = "not run"  # the status of a combination that never started (the sweep was interrupted)
+
+
+def start_command(sweep_dir: str | os.PathLike, name: str) -> str:
+    """The command that runs combination ``name`` of a sweep on its own, into its run directory."""
+    root = Path(sweep_dir)
+    return f"gradlab run {root / 'configs' / f'{name}.yaml'} --run-dir {root / name}"
+
+
+def _not_run(record: RunRecord, sweep_dir: Path, why: str) -> None:
+    record.status, record.metrics, record.verdicts = NOT_RUN, {}, []
+    record.error = f"{why}; start it with: {start_command(sweep_dir, record.name)}"
+
+
 def _summary(p: SweepPlan, sweep_dir: Path, records: list[RunRecord], status: str) -> dict:
     return {
         "name": p.name,
@@ -447,6 +538,8 @@ def _summary(p: SweepPlan, sweep_dir: Path, records: list[RunRecord], status: st
         "completed": sum(r.status == "completed" for r in records),
         "stopped": sum(r.status == "stopped" for r in records),
         "failed": sum(r.status in ("failed", "interrupted") for r in records),
+        "interrupted": sum(r.status == "interrupted" for r in records),
+        "not_run": sum(r.status == NOT_RUN for r in records),
         "runs": [dataclasses.asdict(r) for r in records],
     }
 
@@ -467,7 +560,10 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
 
     Raises:
         UsageError: ``jobs`` < 1; RunDirError: the sweep directory cannot be made.
-        KeyboardInterrupt: after stopping the running children and writing ``sweep.json``.
+        RunInterrupted: (a ``KeyboardInterrupt``) Ctrl-C, SIGTERM or SIGHUP, after interrupting the
+            running children and writing ``sweep.json``: runs that had written their ``config.yaml``
+            are ``interrupted`` (``gradlab run --resume``); the others are ``not run``, with no
+            directory, and their ``error`` is the command that starts them.
     """
     from gradlab import tb
     from gradlab.experiment import write_json
@@ -537,9 +633,13 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
                 f.close()
             _finish(record, proc.returncode, root, started, time.time(), interrupted=True)
         for _, record in pending:
-            record.status = "not run"
+            _not_run(record, root, "the sweep was interrupted before this run started")
         write_json(root / SUMMARY_FILE, _summary(p, root, records, "interrupted"))
-        raise
+        if not quiet:
+            print()
+            print(format_table(p, records))
+            print(f"\nsweep directory: {root}")
+        raise RunInterrupted(_interrupted_line(root, records)) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -551,6 +651,20 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
         print(f"\nsweep directory: {root}")
         print(f"compare: gradlab tensorboard {root}   (HParams tab)  |  gradlab report {root}")
     return result
+
+
+def _interrupted_line(root: Path, records: Sequence[RunRecord]) -> str:
+    """The one line an interrupted sweep ends with: what is resumable, what never started."""
+    counts = {status: sum(r.status == status for r in records)
+              for status in ("completed", "stopped", "failed", "interrupted", NOT_RUN)}
+    parts = [f"{counts[s]} {s}" for s in ("completed", "stopped", "failed") if counts[s]]
+    if counts["interrupted"]:
+        parts.append(f"{counts['interrupted']} interrupted (resume with: gradlab run --resume RUN_DIR)")
+    if counts[NOT_RUN]:
+        parts.append(f"{counts[NOT_RUN]} not run (start with: gradlab run SWEEP_DIR/configs/RUN.yaml "
+                     "--run-dir SWEEP_DIR/RUN)")
+    return (f"gradlab sweep: interrupted; {', '.join(parts) or 'no run finished'}; "
+            f"each run's status and command are in {root / SUMMARY_FILE}")
 
 
 def _stop_signals_interrupt() -> dict:

@@ -194,3 +194,147 @@ def test_hparams_data_parsed_with_tensorboard_readers(sweep):
                                                                                          rel=1e-6)
         else:
             assert end.status == api_pb2.STATUS_FAILURE
+
+
+# ---- list-index key paths, as `gradlab run` overrides take them --------------------------------
+
+def test_list_index_axes_set_one_item_as_run_overrides_do(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\ndata: {name: synthetic, samples: 30}\nmodel: {kind: mlp, hidden: [32, 32]}\n"
+                   "diagnostics: [{type: gradient_stats, every: 10}, {type: health}]\n"
+                   "sweep:\n  model.hidden.1: [4, 2]\n")
+    p = plan(str(cfg), ["diagnostics.0.every=5,7"])
+    assert [list(c.experiment.model.hidden) for c in p.combinations] == [[32, 4], [32, 4], [32, 2], [32, 2]]
+    assert [[(d.type, d.options) for d in c.experiment.diagnostics] for c in p.combinations][:2] == [
+        [("gradient_stats", {"every": 5}), ("health", {})], [("gradient_stats", {"every": 7}), ("health", {})]]
+    assert [c.name for c in p.combinations][:2] == ["000-hidden.1=4-every=5", "001-hidden.1=4-every=7"]
+
+
+def test_a_list_index_out_of_range_is_one_line_naming_index_and_length(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\nmodel: {kind: mlp, hidden: [4, 4]}\nsweep:\n  model.hidden.2: [1, 2]\n")
+    with pytest.raises(ConfigError) as err:
+        plan(str(cfg), check_plugins=False)
+    assert str(err.value) == (f"{cfg}:4: sweep.model.hidden.2: list index 2 is out of range: model.hidden has 2 "
+                              "items (indexes 0 to 1) (sweep combination 1 of 2: model.hidden.2=1; and 1 more)")
+    cfg.write_text("name: s\nmodel: {kind: mlp, hidden: [4, 4]}\ndiagnostics: [{type: health}]\n")
+    with pytest.raises(ConfigError) as err:
+        plan(str(cfg), ["diagnostics.5.every=1,2"], check_plugins=False)
+    assert len(str(err.value).splitlines()) == 1
+    assert str(err.value).startswith("command line: diagnostics.5: list index 5 is out of range: diagnostics has 1 "
+                                     "item (indexes 0 to 0)")
+    assert "[from sweep axis diagnostics.5.every=1,2]" in str(err.value)
+
+
+# ---- validate checks a sweep config as sweep does ----------------------------------------------
+
+def test_validate_checks_each_combination_not_the_incomplete_base(tmp_path, capsys):
+    from gradlab.cli import main
+
+    cfg = tmp_path / "sw5.yaml"
+    cfg.write_text("name: sw5\nmodel: {kind: mlp}\ntrain: {epochs: 1}\n"
+                   "sweep: {model: [{kind: softmax_linear}, {kind: mlp, hidden: [4]}]}\n")
+    assert len(plan(str(cfg)).combinations) == 2  # what gradlab sweep accepts and runs
+    assert main(["validate", str(cfg)]) == 0, capsys.readouterr().err
+    assert "sweep: 2 combinations ok" in capsys.readouterr().out
+    # a problem every combination keeps is still reported: once, at its YAML line
+    cfg.write_text("name: sw5\nmodel: {kind: mlp}\ntrain: {epochs: 0}\n"
+                   "sweep: {model: [{kind: softmax_linear}, {kind: mlp, hidden: [4]}]}\n")
+    assert main(["validate", str(cfg)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{cfg}:3: train.epochs: 0 is out of range"), lines
+
+
+# ---- Ctrl-C while a run is still starting --------------------------------------------------------
+
+HOLD_MODULE = '''"""Holds each `gradlab run` of the test sweep in config validation, before its run directory exists,
+until the sweep passes its Ctrl-C on (only the first run: a later `gradlab run` is not held)."""
+import os
+import sys
+import time
+
+import keras
+
+_MARK = os.environ["GRADLAB_TEST_HOLD"]
+if "--run-dir" in sys.argv and not os.path.exists(_MARK):
+    open(_MARK, "w").close()
+    parent = os.getppid()
+    for _ in range(6000):  # a SIGINT ends this; without one, stop with the sweep (at most 10 minutes)
+        if os.getppid() != parent:
+            os._exit(1)
+        time.sleep(0.1)
+
+
+class Noop(keras.callbacks.Callback):
+    pass
+'''
+
+
+def test_ctrl_c_while_a_run_starts_leaves_no_directory_and_a_run_that_can_be_started(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "holdstart.py").write_text(HOLD_MODULE)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("name: s\ndata: {name: synthetic, samples: 30, batch_size: 10}\ntrain: {epochs: 1}\n"
+                   "diagnostics: []\ncallbacks: [{class: 'holdstart:Noop'}]\n"
+                   "sweep: {train.learning_rate: [0.1, 0.05]}\n")
+    mark, root = tmp_path / "held", tmp_path / "sweep"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "GRADLAB_TEST_HOLD": str(mark),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "gradlab.cli", "sweep", str(cfg), "--sweep-dir", str(root),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)
+    try:
+        give_up = time.monotonic() + 300  # only so that a broken sweep cannot hang the suite
+        while not mark.exists():  # the first run is held, before its run directory exists
+            if proc.poll() is not None or time.monotonic() > give_up:
+                pytest.fail(f"the first run was never held: {proc.poll()} {proc.communicate()}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C reaches the sweep
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    summary = json.loads((root / "sweep.json").read_text())
+    for rec in summary["runs"]:
+        assert rec["status"] == "not run" and not (root / rec["name"]).exists(), rec
+        command = f"gradlab run {root / 'configs' / (rec['name'] + '.yaml')} --run-dir {root / rec['name']}"
+        assert rec["error"].endswith(f"start it with: {command}"), rec["error"]
+    assert summary["status"] == "interrupted" and summary["not_run"] == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlab sweep: interrupted; 2 not run"), err
+    # what that command does starts the run that was stopped while starting (in-process: faster)
+    import gradlab
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRADLAB_TEST_HOLD", str(mark))  # already there: not held again
+    monkeypatch.chdir(tmp_path)
+    first = summary["runs"][0]["name"]
+    result = gradlab.run(root / "configs" / f"{first}.yaml", run_dir=root / first, quiet=True)
+    assert result.metrics["status"] == "completed"
+    assert json.loads((root / first / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_finish_removes_a_run_directory_without_config_yaml_and_keeps_a_resumable_one(tmp_path):
+    from gradlab.sweep import RunRecord, _finish
+
+    root = tmp_path / "sweep"
+    (root / "logs").mkdir(parents=True)
+    for name in ("000-a", "001-b"):
+        (root / name).mkdir()  # made by `gradlab run`, which was then killed
+        (root / "logs" / f"{name}.err").write_text("gradlab: interrupted\n")
+    (root / "001-b" / "config.yaml").write_text("name: b\n")  # this one got as far as a resumable run
+    a, b = (RunRecord(index=i, name=n, run_dir=str(root / n), values={}, hparams={})
+            for i, n in enumerate(("000-a", "001-b")))
+    _finish(a, -15, root, 0.0, 1.0, interrupted=True)
+    _finish(b, -15, root, 0.0, 1.0, interrupted=True)
+    assert a.status == "not run" and not (root / "000-a").exists()
+    assert a.error.endswith(f"gradlab run {root / 'configs' / '000-a.yaml'} --run-dir {root / '000-a'}")
+    assert b.status == "interrupted" and (root / "001-b" / "config.yaml").exists()
+    assert json.loads((root / "001-b" / "metrics.json").read_text())["status"] == "interrupted"

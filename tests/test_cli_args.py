@@ -1,0 +1,48 @@
+"""Command-line parsing: options and key.path=value arguments mix in any order; bad arguments are
+one line naming the subcommand, exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from gradlab.cli import _parser, main
+
+
+@pytest.mark.parametrize("argv,key,expected", [
+    (["check", "c.yaml", "--batch", "4", "train.reduction=sum"], "overrides", ["train.reduction=sum"]),
+    (["sweep", "c.yaml", "--sweep-dir", "X", "train.epochs=1", "--jobs", "2", "train.loss=mse,cross_entropy"],
+     "axes", ["train.epochs=1", "train.loss=mse,cross_entropy"]),
+    (["run", "c.yaml", "--run-dir", "R", "train.epochs=1", "--quiet", "train.loss=mse"], "overrides",
+     ["train.epochs=1", "train.loss=mse"]),
+])
+def test_options_before_overrides_leave_every_override(argv, key, expected):
+    args = _parser().parse_args(argv)
+    assert args.config == "c.yaml" and getattr(args, key) == expected
+
+
+def test_options_anywhere_are_read_with_every_positional():
+    args = _parser().parse_args(["sweep", "--jobs", "2", "c.yaml", "--quiet", "a.b=1,2", "--sweep-dir", "X", "c.d=3"])
+    assert (args.config, args.jobs, args.sweep_dir, args.quiet, args.axes) == ("c.yaml", 2, "X", True,
+                                                                              ["a.b=1,2", "c.d=3"])
+    args = _parser().parse_args(["run", "--resume", "R"])
+    assert (args.resume, args.config, args.overrides) == ("R", None, [])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["check", "c.yaml", "--bogus", "train.reduction=sum"], "gradlab check: error: unrecognized arguments: --bogus"),
+    (["sweep", "c.yaml", "--jobs", "x", "train.epochs=1"], "gradlab sweep: error: argument --jobs: invalid int"),
+    (["report", "a", "b"], "gradlab report: error: unrecognized arguments: b"),
+])
+def test_a_bad_argument_is_one_line_naming_the_subcommand(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(needle), lines
+
+
+def test_check_with_an_option_before_an_override_applies_the_override(capsys):
+    assert main(["check", str(ROOT / "configs" / "default.yaml"), "--batch", "4", "train.reduction=sum"]) == 0
+    out = capsys.readouterr().out
+    assert "loss cross_entropy (sum)" in out and "on a batch of 4" in out
