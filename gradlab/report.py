@@ -235,7 +235,7 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
             a value of the wrong type (one line naming the file and key).
     """
     from gradlab.events import read_scalars
-    from gradlab.sweep import SUMMARY_FILE, describe_value, health_checked
+    from gradlab.sweep import SUMMARY_FILE, describe_value, health_checked, short_key
 
     root = Path(path)
     if not root.is_dir():
@@ -267,7 +267,7 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
             verdicts = list(record.get("verdicts") or [])
         scalars = read_scalars(run_dir) if run_dir.is_dir() else {}
         steps, epochs = final.get("steps"), final.get("epochs_completed")
-        label = ", ".join(f"{k.split('.')[-1]}={describe_value(v)}"
+        label = ", ".join(f"{short_key(k)}={describe_value(v)}"
                           for k, v in (record.get("hparams") or {}).items())
         config = _load_config(run_dir) if run_dir.is_dir() else None
         if config is not None:

@@ -213,7 +213,7 @@ def run_name(index: int, values: Mapping[str, Any], varying: Sequence[str], widt
     """``NNN-key=value-key=value``: the index, then each varying axis's last key part (with the
     list it indexes: ``hidden.0``) and value, with characters other than letters, digits, ``.=_-``
     replaced by ``_``; at most 100 characters."""
-    parts = [f"{_short_key(k)}={_slug_value(values[k])}" for k in varying]
+    parts = [f"{short_key(k)}={_slug_value(values[k])}" for k in varying]
     slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", "-".join(parts)).strip("_")
     return (f"{index:0{width}d}" + (f"-{slug}" if slug else ""))[:100]
 
@@ -223,7 +223,7 @@ def _key_path(key: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
-def _short_key(key: str) -> str:
+def short_key(key: str) -> str:
     """The last part of a key path, and the parts before it while they are list indexes:
     ``train.loss`` -> ``loss``, ``model.hidden.0`` -> ``hidden.0``."""
     parts = key.split(".")
