@@ -210,6 +210,14 @@ _ON_READ = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_R
 # the first replica's copy.
 
 
+class _LossMean(keras.metrics.Mean):
+    """Keras's loss tracker, except that the mean of no steps is NaN, not 0: an epoch whose every
+    step was skipped as nonfinite (weight 0) has no loss, and must not look perfect."""
+
+    def result(self):
+        return tf.where(self.count > 0, super().result(), tf.constant(np.nan, self.dtype))
+
+
 class _Snapshot:
     """Float32 copies of the trainable variables taken before an update (plain object: untracked)."""
 
@@ -290,6 +298,10 @@ class GradlabModel(keras.Model):
         self._gradlab_taps: dict[str, _TapState] = {}
         self._gradlab_window_holder = _Window()
         self.skip_nonfinite_steps = False
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self._loss_tracker = _LossMean(name="loss")
 
     # ---- taps -------------------------------------------------------------------------------
     def register_tap(self, key: str, tap: Tap) -> None:

@@ -237,3 +237,18 @@ def test_loss_scale_overflow_steps_are_not_reported_as_exploding(tmp_path):
     steps = [s for s, _ in norms]
     assert len(steps) < result.metrics["steps"], "no step overflowed: the test no longer tests anything"
     assert not any(v["verdict"] == "exploding" for v in result.metrics["verdicts"]), result.metrics["verdicts"]
+
+
+def test_an_epoch_whose_every_step_was_skipped_has_no_loss_not_zero(tmp_path):
+    """A learning rate of 1e37 makes every step after the first nonfinite; skip_step skips them,
+    so epoch 1 trained no step: its loss is NaN (null in metrics.json), never a perfect 0."""
+    cfg = {"name": "nan", "seed": 0, "data": {"name": "iris", "batch_size": 16},
+           "model": {"kind": "mlp", "hidden": [8], "activation": "relu"},
+           "train": {"learning_rate": 1.0e37, "epochs": 2},
+           "diagnostics": [{"type": "nonfinite", "action": "skip_step"}]}
+    result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    epoch_loss = read_scalars(result.run_dir)["epoch_loss"]
+    assert [s for s, _ in epoch_loss] == [0, 1]
+    assert math.isfinite(epoch_loss[0][1]) and epoch_loss[0][1] > 0
+    assert math.isnan(epoch_loss[1][1])
+    assert read_metrics(result.run_dir)["loss"] is None
