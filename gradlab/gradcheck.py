@@ -161,12 +161,25 @@ def check_model(model, loss, x: np.ndarray, y: np.ndarray, **kwargs) -> CheckRes
         loss: ``loss(y_true, y_pred) -> scalar`` (a ``keras.losses.Loss`` or a function).
         x, y: the batch.
         **kwargs: passed to :func:`check_function`.
+
+    Raises:
+        ValueError: a trainable variable is not float64, or ``loss`` is a ``keras.losses.Loss``
+            that computes in another dtype (it takes ``floatx`` when it is created, so one made
+            outside :func:`float64_policy` rounds to float32 and fails a correct model).
     """
+    import keras
     import tensorflow as tf
 
     from gradlab.summaries import variable_names
 
     trainable = list(model.trainable_variables)
+    low = [f"{'/'.join(n)} ({v.dtype})" for n, v in zip(variable_names(model), trainable) if v.dtype != "float64"]
+    if low:
+        raise ValueError(f"check_model needs a float64 model: build it inside `with gradcheck.float64_policy():` "
+                         f"(not float64: {', '.join(low[:3])}{' ...' if len(low) > 3 else ''})")
+    if isinstance(loss, keras.losses.Loss) and loss.dtype != "float64":
+        raise ValueError(f"the loss {type(loss).__name__} computes in {loss.dtype} (a Keras loss takes floatx when "
+                         "it is created): create it inside `with gradcheck.float64_policy():` too")
     non_trainable = [v.value for v in model.non_trainable_variables]
     x64 = tf.constant(np.asarray(x, dtype=np.float64))
     y_t = tf.constant(np.asarray(y))

@@ -157,3 +157,22 @@ def test_cli_check_as_a_user(tmp_path):
     assert "passed: every variable within tolerance" in proc.stdout
     bad = gradlab_cli("check", str(ROOT / "configs" / "default.yaml"), "--tolerance", "-1")
     assert bad.returncode == 2 and bad.stderr.strip() == "--tolerance (-1) must be a positive number, such as 1e-4"
+
+
+def test_a_float32_loss_or_model_is_refused_not_checked():
+    """A Keras loss created outside float64_policy computes in float32 and would fail a correct
+    model with errors ~0.7; a float32 model likewise. Both are refused with one line."""
+    import keras
+
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    y = np.array([0, 1, 2, 0, 1, 2])
+    model, _ = _cube_model(broken=False)
+    with pytest.raises(ValueError, match="create it inside `with gradcheck.float64_policy"):
+        gradcheck.check_model(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y)
+    with gradcheck.float64_policy():
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert gradcheck.check_model(model, loss, x, y).passed
+    inputs = keras.Input((4,))
+    float32_model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(inputs))
+    with pytest.raises(ValueError, match=r"needs a float64 model.*logits/kernel \(float32\)"):
+        gradcheck.check_model(float32_model, loss, x, y)
