@@ -463,7 +463,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
     if not quiet and chief:
-        print_summary(path, metrics)
+        print_summary(path, metrics, judged=health_checked(exp.to_dict()))
     if stopped:
         raise NonFiniteError(stopped[0]["message"] + f" (run directory: {path})")
     return RunResult(run_dir=path, metrics=metrics)
@@ -485,11 +485,25 @@ def write_json_config(path: Path, exp: Experiment) -> None:
     atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(exp.to_dict(), sort_keys=False))
 
 
-def print_summary(path: Path, metrics: dict) -> None:
-    """Print the verdict table, the final metrics, where the logs are and how to view them."""
+def health_checked(config: Mapping[str, Any] | None) -> bool:
+    """Whether a run with this (resolved) config ran the ``health`` diagnostic, which makes verdicts.
+
+    ``diagnostics`` absent or null means the default set, which includes ``health``.
+    """
+    diagnostics = (config or {}).get("diagnostics")
+    if diagnostics is None:
+        return True
+    return any((d.get("type") if isinstance(d, Mapping) else d) == "health" for d in diagnostics)
+
+
+def print_summary(path: Path, metrics: dict, judged: bool = True) -> None:
+    """Print the verdict table, the final metrics, where the logs are and how to view them.
+    Without the ``health`` diagnostic nothing was judged, and the table says so."""
     verdicts = metrics.get("verdicts") or []
     print()
-    if verdicts:
+    if not judged and not verdicts:
+        print("Health verdicts: not checked (no health diagnostic in this run's diagnostics)")
+    elif verdicts:
         print("Health verdicts:")
         width = max(len(v["layer"]) for v in verdicts)
         for v in verdicts:

@@ -235,7 +235,8 @@ def load_views(path: str | os.PathLike) -> tuple[str, list[RunView]]:
             a value of the wrong type (one line naming the file and key).
     """
     from gradlab.events import read_scalars
-    from gradlab.sweep import SUMMARY_FILE, describe_value, health_checked, short_key
+    from gradlab.experiment import health_checked
+    from gradlab.sweep import SUMMARY_FILE, describe_value, short_key
 
     root = Path(path)
     if not root.is_dir():

@@ -57,7 +57,7 @@ import yaml
 
 from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, validate_plugins
 from gradlab.errors import ConfigError, GradlabError, RunInterrupted, UsageError
-from gradlab.experiment import new_directory
+from gradlab.experiment import health_checked, new_directory
 
 SUMMARY_FILE = "sweep.json"
 KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
@@ -725,17 +725,6 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The table
-
-def health_checked(config: Mapping[str, Any] | None) -> bool:
-    """Whether a run with this (resolved) config ran the ``health`` diagnostic, which makes verdicts.
-
-    ``diagnostics`` absent or null means the default set, which includes ``health``.
-    """
-    diagnostics = (config or {}).get("diagnostics")
-    if diagnostics is None:
-        return True
-    return any((d.get("type") if isinstance(d, Mapping) else d) == "health" for d in diagnostics)
-
 
 def verdict_text(record: RunRecord | Mapping[str, Any], checked: bool = True) -> str:
     """``healthy``, ``hidden_1 vanishing, logits saturated``, ``not checked`` (no ``health``

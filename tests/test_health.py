@@ -172,3 +172,15 @@ def test_demo_mse_vs_cross_entropy(tmp_path, capsys):
     assert len(g_mse) == len(g_xent) >= 4
     assert max(g_mse) < 1e-3 * min(g_xent)  # the seed's point: MSE's logit gradients vanish under saturation
     assert xent.metrics["accuracy"] > mse.metrics["accuracy"] + 0.1
+
+
+def test_a_run_without_health_says_its_verdicts_were_not_checked(tmp_path, write_yaml):
+    import yaml
+
+    from conftest import gradlab_cli, tiny_config
+
+    cfg = write_yaml(yaml.safe_dump(tiny_config(diagnostics=[{"type": "gradient_stats"}])))
+    proc = gradlab_cli("run", str(cfg), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Health verdicts: not checked (no health diagnostic" in proc.stdout
+    assert "Health verdicts: none" not in proc.stdout
