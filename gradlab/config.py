@@ -347,7 +347,11 @@ def _check_value(chk: _Checker, path: tuple, value: Any, meta: dict) -> Any:
     if kind == "choice":
         choices = meta["choices"]
         if not isinstance(value, str) or value not in choices:
-            chk.add(path, f"{value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
+            if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans: say so, in YAML's words
+                chk.add(path, f"{'true' if value else 'false'} (YAML reads yes/no/on/off as a boolean) is not one "
+                              f"of {', '.join(choices)}")
+            else:
+                chk.add(path, f"{value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
             return None
         return value
     if kind in ("str", "path"):
@@ -814,8 +818,8 @@ def reference_markdown() -> str:
         return (kind.get(m["kind"], m["kind"]) + (", " + ", ".join(parts) if parts else ""))
 
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|",
-            "| `name` | `experiment` | letters, digits, `_.-` | run directory prefix |",
-            "| `seed` | `0` | integer >= 0 | seeds data, initializers, shuffling |",
+            "| `name` | `experiment` | letters, digits, `_.-`; at most 200 characters | run directory prefix |",
+            "| `seed` | `0` | integer in [0, 2**31) | seeds data, initializers, shuffling |",
             "| `log_dir` | `runs` | directory | where run directories are created |"]
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):

@@ -43,6 +43,7 @@ MALFORMED = [
     ("train:\n  device: tpu\n", "train.device", 2, "auto, cpu, gpu"),
     ("train:\n  precision: float16\n", "train.precision", 2, "mixed_float16"),
     ("train:\n  steps_per_execution: 0\n", "train.steps_per_execution", 2, ">= 1"),
+    ("data:\n  header: yes\n", "data.header", 2, "true (YAML reads yes/no/on/off as a boolean) is not one of"),
     ("train:\n  optimizer: adam\n  momentum: 0.5\n", "train.momentum", 3, "only used when train.optimizer is momentum"),
     ("seed: -1\n", "seed", 1, "integer"),
     ("name: a b\n", "name", 1, "directory name"),
