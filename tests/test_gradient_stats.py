@@ -161,9 +161,42 @@ def test_spike_between_writes_lands_in_window_max(tmp_path):
     assert dict(s["gradients/logits/layer_norm/window_max"])[8] > 100 * dict(s["gradients/logits/layer_norm"])[8]
 
 
+def readme_tags() -> set[str]:
+    """The tags in the README's "TensorBoard tags" tables: each backticked name of a row's first
+    cell, ``.../x`` completed with the previous name's prefix."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## TensorBoard tags"):text.index("\n## ", text.index("## TensorBoard tags") + 5)]
+    tags = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        previous = None
+        for name in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            if name.startswith(".../") and previous:
+                name = previous.rsplit("/", 1)[0] + name[3:]
+            tags.add(name)
+            previous = name
+    return tags
+
+
+def generic_tag(tag: str, layers, variables) -> str:
+    """``gradients/hidden_1/kernel/norm`` -> ``gradients/<layer>/<variable>/norm``."""
+    parts = tag.split("/")
+    if parts[0] in ("gradients", "activations") and len(parts) > 1 and parts[1] in layers:
+        if not (parts[0] == "gradients" and parts[1] == "logits" and parts[2:3] == ["norm"]):
+            parts[1] = "<layer>"
+            if len(parts) > 2 and parts[2] in variables:
+                parts[2] = "<variable>"
+    return "/".join(parts)
+
+
 def test_default_run_writes_exactly_the_documented_tags(tmp_path):
     """No ``diagnostics`` key: the default set. The expected set is built from docs/diagnostics.md's rules."""
-    cfg = {"name": "tags", "seed": 0, "data": {"name": "iris", "batch_size": 50, "shuffle": False},
+    cfg = {"name": "tags", "seed": 0,
+           "data": {"name": "iris", "batch_size": 40, "shuffle": False, "validation_split": 0.2},
            "model": {"kind": "mlp", "hidden": [6], "activation": "relu"}, "train": {"epochs": 2}}
     result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
     tags = read_tags(result.run_dir, "train")
@@ -183,6 +216,11 @@ def test_default_run_writes_exactly_the_documented_tags(tmp_path):
     assert tags["histograms"] == ({f"gradients/{l}/{v}" for l in layers for v in variables}
                                   | {f"activations/{l}" for l in layers})
     assert tags["text"] == {"health/verdicts"}
+    # and every tag written, in train/ and validation/, is in the README's tables
+    documented = readme_tags()
+    written = set().union(*tags.values()) | set().union(*read_tags(result.run_dir, "validation").values())
+    missing = {t for t in written if generic_tag(t, layers, variables) not in documented}
+    assert not missing, f"written but not in the README's TensorBoard tags tables: {sorted(missing)}"
 
 
 def test_taps_stay_attached_between_fits_without_retracing():
