@@ -26,7 +26,9 @@ the seed notebook's quantities). With ``tau = threshold`` (default 0.1):
   probe sub-model outputs ``x``); for standalone activation layers (``Activation``, ``ReLU``,
   ``LeakyReLU``, ``Softmax``) it is their input; for linear layers it is the output itself. Other
   layers with a fused activation (for example ``Conv2D``) get no pre-activation statistics.
-  Histograms ``activations/<layer>`` of ``a`` are written every ``histogram_every`` steps.
+  Histograms ``activations/<layer>`` of ``a`` are written every ``histogram_every`` steps: at the
+  first due step in each ``[k * histogram_every, (k + 1) * histogram_every)``
+  (:func:`histogram_due`, a function of the step, so a resumed run writes the same ones).
 
 Edge cases: a layer with no units (``u = 0``) reports 0 for every fraction, mean and std; a
 constant activation (zero variance) has ``std = 0``; a ReLU unit at zero for the whole probe
@@ -224,6 +226,17 @@ def _dense_chain_forward(plans: list[_Plan], x) -> list:
     return [t for a, z in zip(activations, pre) for t in (a, z)]
 
 
+def histogram_due(step: int, every: int, histogram_every: int) -> bool:
+    """Whether the probe at ``step`` writes histograms: at the first due step (a multiple of
+    ``every``) in each run of ``histogram_every`` steps, ``[k h, (k + 1) h)``. A function of the
+    step alone, so a resumed run writes the histograms of an uninterrupted one; never when
+    ``histogram_every`` is 0."""
+    if histogram_every <= 0:
+        return False
+    due = step // every * every  # the due step this probe is for
+    return (due - every) // histogram_every < due // histogram_every
+
+
 @register("activation_saturation")
 class ActivationSaturation(Diagnostic):
     """Per-layer activation saturation, dead units and pre-activation statistics on a probe batch.
@@ -259,12 +272,10 @@ class ActivationSaturation(Diagnostic):
         self.output_softmax = output_softmax
         self._plans: list[_Plan] = []
         self._submodel = None
-        self._last_histogram: int | None = None
         self._tags: dict[str, str] = {}
 
     # ---- set-up
     def on_train_begin(self, logs=None):
-        self._last_histogram = None
         self._plans, self._submodel = self._build(self.model)
         for plan in self._plans:
             self.publish_meta("activation", plan.name, plan.kind)
@@ -297,11 +308,7 @@ class ActivationSaturation(Diagnostic):
     # ---- probe
     def probe_options(self, step: int) -> dict:
         # Histogram buckets only at histogram steps (the base class compiles each variant once).
-        hist = self.histogram_every > 0 and (
-            self._last_histogram is None or step // self.histogram_every > self._last_histogram // self.histogram_every)
-        if hist:
-            self._last_histogram = step
-        return {"histograms": hist}
+        return {"histograms": histogram_due(step, self.every, self.histogram_every)}
 
     def probe(self, model, x, y, histograms: bool | None = None):
         """The statistics of every planned layer on ``x`` (and histogram buckets when ``histograms``)."""

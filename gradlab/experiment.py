@@ -290,9 +290,24 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
         NonFiniteError: training hit NaN/Inf with ``nonfinite`` action ``stop``; the run
             directory is complete (weights, ``metrics.json`` with ``"stopped"``).
         RunInterrupted: Ctrl-C; a checkpoint was saved (also a ``KeyboardInterrupt``).
+        RunDirError: also when another process runs (or resumes) the same run directory: a run
+            holds a lock on its directory until it ends (:func:`gradlab.resume.lock_run_dir`).
         StorageError: the disk filled or a write failed mid-run; the last checkpoint is intact.
         WorkerLostError: a worker of a multi-worker run died; the last checkpoint is intact.
     """
+    with contextlib.ExitStack() as held:  # the run directory's lock, until the run has ended
+        return _run(config, overrides, run_dir=run_dir, resume=resume, verbose=verbose, quiet=quiet, held=held)
+
+
+def _owns_run_dir(exp: Experiment) -> bool:
+    """Whether this process writes the run directory: the chief of a multi-worker run (worker 0,
+    known from ``TF_CONFIG`` before TensorFlow starts), or the only process."""
+    from gradlab import distribute
+
+    return exp.train.distribute != "multi_worker" or distribute.task_index() == 0
+
+
+def _run(config, overrides, *, run_dir, resume, verbose, quiet, held: contextlib.ExitStack) -> RunResult:
     from gradlab import resume as resume_mod
 
     if resume is not None:
@@ -301,6 +316,9 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
                               "(no config file, overrides or --run-dir)")
         resume_dir = resume_mod.check_resumable(resume)
         exp = load_config(resume_dir / CONFIG_FILE)
+        if _owns_run_dir(exp):
+            held.enter_context(resume_mod.lock_run_dir(resume_dir))
+            resume_mod.check_resumable(resume_dir)  # the process that held the lock may have finished the run
     else:
         if config is None:
             raise RunDirError("run: give a config (or resume=RUN_DIR)")
@@ -329,13 +347,17 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
     elif chief:
         existed = run_dir is not None and Path(run_dir).exists()
         path = make_run_dir(exp, run_dir)
+        lock = held.enter_context(resume_mod.lock_run_dir(path))  # before anything is written
         try:
             write_json_config(path, exp)
         except OSError as err:
+            lock.discard()  # leave the directory as it was: absent or empty
             raise RunDirError(f"{path}: cannot write {CONFIG_FILE} ({err.strerror or err})") from None
         except KeyboardInterrupt:  # Ctrl-C before the run existed: leave no empty run directory behind
-            if not existed and not (path / CONFIG_FILE).exists():
-                shutil.rmtree(path, ignore_errors=True)
+            if not (path / CONFIG_FILE).exists():
+                lock.discard()
+                if not existed:
+                    shutil.rmtree(path, ignore_errors=True)
             raise
     else:
         path = Path(run_dir) if run_dir is not None else None
@@ -358,6 +380,8 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
 
     stopped: list = []
     fit_started = False
+    model = resume_cb = None
+    callbacks: list = []
     try:
         with strategy.scope():
             model = build(exp, data, device)
@@ -367,12 +391,15 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
             with strategy.scope():
                 x0, y0 = data.probe_batch(2)
                 model._symbolic_build(data_batch=(x0, y0))  # optimizer and metric variables, to restore into
-            restored_path = checkpointer.latest(path / resume_mod.CHECKPOINT_DIR)
-            if restored_path:
-                restored = checkpointer.restore(restored_path)
+            # the newest readable checkpoint (an unreadable one is named, and skipped)
+            restored, restored_path = checkpointer.restore_latest(path / resume_mod.CHECKPOINT_DIR, run_dir=path)
             start = restored["step"] if restored else 0
             if chief:
-                resume_mod.repair_events(path, start, per_epoch)
+                resume_mod.repair_events(path, start, per_epoch, steps_total=per_epoch * exp.train.epochs)
+                if not resume_mod.has_layout(path):  # killed before it was written (or torn)
+                    from gradlab.tb import write_model_layout
+
+                    write_model_layout(path, model)
         else:
             start = 0
             if chief:
@@ -399,11 +426,12 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(path), update_freq="epoch", write_graph=False))
         callbacks += user_callbacks
-        callbacks.append(resume_mod.make_callback(
+        resume_cb = resume_mod.make_callback(
             checkpointer=checkpointer, batches_per_epoch=per_epoch, every=exp.train.checkpoint_every,
             chief=chief, run_dir=path if chief else None, restored=restored, restored_path=restored_path,
-            callbacks=list(callbacks),
-            on_save=(lambda step, ckpt: write_state(step=step, checkpoint=ckpt)) if chief else None))
+            callbacks=list(callbacks), steps_total=per_epoch * exp.train.epochs,
+            on_save=(lambda step, ckpt: write_state(step=step, checkpoint=ckpt)) if chief else None)
+        callbacks.append(resume_cb)
         if verbose == "auto":
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         model._gradlab_capture_iterator = True
@@ -436,13 +464,20 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
             try:
                 _save_weights_atomic(model, path / WEIGHTS_FILE)
                 write_json(path / METRICS_FILE, metrics)
-                write_state(status=metrics["status"], step=metrics["steps"])
+                # a stopped run is reported at the step of its NaN/Inf (as NonFiniteError says)
+                write_state(status=metrics["status"], step=metrics["steps"],
+                            **({"stopped_step": int(stopped[0]["step"])} if stopped else {}))
             except OSError as err:
                 raise _storage_error(path, err, "the final weights and metrics", path) from None
         elif not quiet:
             print(f"gradlab: worker {distribute.task_index()} finished at step {metrics['steps']}, "
                   f"final weights sha256 {metrics['weights_sha256']}")
     except BaseException as err:
+        if isinstance(err, resume_mod.NoReadableCheckpoint):
+            raise  # found before anything was changed: the run directory stays as it was
+        if resume_cb is not None:
+            resume_cb._restore_handler()  # Ctrl-C must work again in this process
+        resume_mod.release_writers(callbacks)  # their events on disk now, not at the process's exit
         kind = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         status = {"status": kind, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
         if chief and path is not None and path.exists():
@@ -457,6 +492,12 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
                 # Ctrl-C before training (and its checkpointing) began: still a resumable run.
                 raise RunInterrupted("gradlab: interrupted before training started; resume with: "
                                      f"{resume_mod.resume_command(path)}") from None
+            if isinstance(err, KeyboardInterrupt) and not isinstance(err, RunInterrupted):
+                # Ctrl-C outside the checkpointing callback's reach (the final evaluation, a second
+                # Ctrl-C): the run resumes from its last checkpoint, and the message says so.
+                raise RunInterrupted(resume_mod.interrupted_message(
+                    path, _step_or_none(model), resume_cb.last_saved if resume_cb is not None else None,
+                    ckpt_dir)) from None
         raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -467,6 +508,14 @@ def run(config: str | os.PathLike | Mapping[str, Any] | Experiment | None = None
     if stopped:
         raise NonFiniteError(stopped[0]["message"] + f" (run directory: {path})")
     return RunResult(run_dir=path, metrics=metrics)
+
+
+def _step_or_none(model) -> int | None:
+    """The model's global step, or None (no model yet, or no readable step)."""
+    try:
+        return int(model.optimizer.iterations.numpy())
+    except Exception:
+        return None
 
 
 def weights_digest(model) -> str:

@@ -22,6 +22,27 @@ file of the run, what the interrupted process logged at or after ``c`` -- step-i
 with ``step >= c``, epoch-indexed tags (Keras's ``epoch_*``) of epochs not completed at ``c`` --
 and then logs those steps again. Every step therefore appears exactly once. Files are
 rewritten atomically (temp file, fsync, rename), so a crash during the repair loses nothing.
+Records that belong to no step are kept whatever ``c`` is: the custom-scalars layout and the
+HParams session start (its hyperparameters). The HParams session end and its ``final/*``
+metrics, written into the run's root by ``gradlab sweep`` when an interrupted run ended, are
+dropped: the run is no longer ended, and whatever finishes it writes a new end. What the
+diagnostics write at the end of training (``health/verdicts``' final table) is labelled with
+the last step, ``steps_total - 1``; a run resumed from its final checkpoint (interrupted after
+training, e.g. in the final evaluation) writes it again, so that record is dropped too. The final
+checkpoint is always taken after those end-of-training writes (and the tap windows they empty).
+
+Checkpoints are tried newest first (:meth:`Checkpointer.restore_latest`): an unreadable one (a
+missing or corrupt data or index file) is named in a one-line warning and the one before it is
+tried; the events are then repaired to the step of the checkpoint actually restored. When none
+is readable, nothing is modified and the resume fails with one line naming the directory.
+
+One process at a time (:func:`lock_run_dir`): a run holds an exclusive ``flock`` on
+``<run>/.gradlab.lock`` from the moment its directory exists (or its resume starts) until it
+ends, so a second ``gradlab run --resume`` of the same directory -- or of a run that is still
+training -- stops with ``RUN_DIR is in use by another gradlab process (pid N)`` (exit 2). The
+operating system releases the lock when the process dies, so a run killed with ``kill -9``
+(whose ``state.json`` still says ``running``) can be resumed. Where ``fcntl`` does not exist
+(Windows) runs are not locked: do not resume a run directory twice at once there.
 """
 
 from __future__ import annotations
@@ -29,8 +50,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,8 +67,17 @@ log = logging.getLogger("gradlab.resume")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
+LOCK_FILE = ".gradlab.lock"
 EPOCH_TAG_PREFIX = "epoch_"
 ITERATIONS_TAG_SUFFIX = "_vs_iterations"
+# Records that belong to no step: kept by the repair whatever the cut.
+STEPLESS_TAGS = ("custom_scalars__config__",        # tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG
+                 "_hparams_/session_start_info")    # tensorboard.plugins.hparams.metadata.SESSION_START_INFO_TAG
+# How an ended run ended (gradlab.tb.write_session, in the run's root): stale once it is resumed.
+SESSION_END_TAG = "_hparams_/session_end_info"
+SESSION_METRIC_PREFIX = "final/"
+# Written at the end of training, labelled with the last step (callbacks/health.py).
+END_OF_TRAINING_TAGS = ("health/verdicts",)
 
 
 def resume_command(run_dir: str | os.PathLike) -> str:
@@ -65,7 +97,12 @@ def read_state(run_dir: Path) -> dict:
 
 
 def check_resumable(run_dir: str | os.PathLike) -> Path:
-    """The run directory to resume; raises :class:`RunDirError` if it cannot be resumed."""
+    """The run directory to resume; raises :class:`RunDirError` if it cannot be resumed.
+
+    A ``running`` status is accepted: it is what a killed process leaves. Whether another process
+    is still running the directory is for :func:`lock_run_dir` to say (call this again once the
+    lock is held: the other process may have finished in between).
+    """
     path = Path(run_dir)
     if not path.is_dir():
         raise RunDirError(f"--resume {path}: no such run directory")
@@ -73,15 +110,126 @@ def check_resumable(run_dir: str | os.PathLike) -> Path:
         raise RunDirError(f"--resume {path}: no config.yaml, so this is not a gradlab run directory")
     state = read_state(path)
     if state.get("status") in ("completed", "stopped"):
-        raise RunDirError(f"--resume {path}: the run already {state['status']} at step {state.get('step')}; "
+        step = state.get("step")
+        if state["status"] == "stopped":  # the step of the NaN/Inf, as the stopped run reported it
+            step = state.get("stopped_step", _stopped_step(path, step))
+        raise RunDirError(f"--resume {path}: the run already {state['status']} at step {step}; "
                           "nothing to resume")
     return path
+
+
+def _stopped_step(path: Path, default):
+    """The step a NaN/Inf stopped the run at, from ``metrics.json`` (runs of earlier versions)."""
+    try:
+        stopped = json.loads((path / "metrics.json").read_text(encoding="utf-8")).get("stopped") or {}
+        return int(stopped["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return default
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run directory
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.gradlab.lock``, held until :meth:`release` (see the
+    module docstring). The file holds the owner's pid; it stays when the lock is released."""
+
+    def __init__(self, run_dir: Path, fd: int | None):
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_FILE
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except (ImportError, OSError):
+            pass
+        os.close(fd)  # closing alone releases it too
+
+    def discard(self) -> None:
+        """Release the lock and remove its file (a run directory given up before it held a run)."""
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        self.release()
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> RunLock:
+    """Lock ``run_dir`` for this process; :class:`RunDirError` if another process holds it.
+
+    Without ``fcntl`` (Windows), or on a filesystem that cannot lock, the returned lock holds
+    nothing (see the module docstring).
+    """
+    path = Path(run_dir)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; documented
+        return RunLock(path, None)
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot create {LOCK_FILE} ({err.strerror or err})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(f"{path} is in use by another gradlab process{_lock_owner(lock_path)}") from None
+    except OSError as err:  # e.g. ENOLCK: a filesystem without locks; go on unlocked
+        os.close(fd)
+        log.warning("%s: cannot lock the run directory (%s); make sure no other gradlab process uses it",
+                    path, err.strerror or err)
+        return RunLock(path, None)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass  # the pid is only for the other process's message
+    return RunLock(path, fd)
+
+
+def _lock_owner(lock_path: Path) -> str:
+    try:
+        pid = int(lock_path.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return ""
+    return f" (pid {pid})"
+
+
+def interrupted_message(run_dir, step: int | None, saved: int | None, checkpoints) -> str:
+    """The one line of a Ctrl-C: where the run stopped, which checkpoint it resumes from, how."""
+    how = f"resume with: {resume_command(run_dir)}"
+    at = f" at step {step}" if step is not None else ""
+    if saved is None or saved < 0:
+        return f"gradlab: interrupted{at}; no checkpoint yet, so the run resumes from step 0; {how}"
+    if saved == step:
+        return f"gradlab: interrupted{at}; checkpoint saved in {checkpoints}; {how}"
+    return f"gradlab: interrupted{at}; the last checkpoint (step {saved}) is in {checkpoints}; {how}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Event files
 
-def _keep(tag: str, step: int, cut_step: int, cut_epoch: int) -> bool:
+def _keep(tag: str, step: int, cut_step: int, cut_epoch: int, *, root: bool = False,
+          end_cut: int | None = None) -> bool:
+    if tag in STEPLESS_TAGS:  # the layout, the HParams session start: no step, nothing rewrites them
+        return True
+    if root and (tag == SESSION_END_TAG or tag.startswith(SESSION_METRIC_PREFIX)):
+        return False  # how the run ended (gradlab sweep): it is no longer ended
+    if end_cut is not None and tag in END_OF_TRAINING_TAGS and step >= end_cut:
+        return False  # the end of training is written again by the resumed run
     if tag.startswith(EPOCH_TAG_PREFIX):  # Keras TensorBoard: step = epoch, written at the epoch's end
         return step < cut_epoch
     if tag.endswith(ITERATIONS_TAG_SUFFIX):  # Keras TensorBoard: step = iterations at the end of validation
@@ -89,18 +237,25 @@ def _keep(tag: str, step: int, cut_step: int, cut_epoch: int) -> bool:
     return step < cut_step
 
 
-def repair_events(run_dir: str | os.PathLike, step: int, batches_per_epoch: int) -> int:
+def repair_events(run_dir: str | os.PathLike, step: int, batches_per_epoch: int,
+                  steps_total: int | None = None) -> int:
     """Drop what was logged at or after ``step`` from every event file under ``run_dir``.
 
     Returns the number of summary values removed. Truncated last records (a process killed
-    mid-write) are dropped too.
+    mid-write) are dropped too. Step-less records (the custom-scalars layout, the HParams
+    session start) are kept, the session end of an earlier ending is dropped; with
+    ``steps_total`` (the run's last step + 1), resuming from the final checkpoint also drops the
+    end-of-training records labelled ``steps_total - 1`` (see the module docstring).
     """
     import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
 
     cut_epoch = step // max(1, batches_per_epoch)
+    end_cut = max(steps_total - 1, 0) if steps_total is not None and step >= steps_total else None
+    root_dir = Path(run_dir).resolve()
     removed = 0
     for file in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        root = file.parent.resolve() == root_dir
         kept: list[bytes] = []
         changed = False
         try:
@@ -108,7 +263,8 @@ def repair_events(run_dir: str | os.PathLike, step: int, batches_per_epoch: int)
                 raw = record.numpy()
                 event = event_pb2.Event.FromString(raw)
                 if event.HasField("summary"):
-                    values = [v for v in event.summary.value if _keep(v.tag, event.step, step, cut_epoch)]
+                    values = [v for v in event.summary.value
+                              if _keep(v.tag, event.step, step, cut_epoch, root=root, end_cut=end_cut)]
                     if len(values) != len(event.summary.value):
                         removed += len(event.summary.value) - len(values)
                         changed = True
@@ -129,6 +285,22 @@ def repair_events(run_dir: str | os.PathLike, step: int, batches_per_epoch: int)
     return removed
 
 
+def has_layout(run_dir: str | os.PathLike) -> bool:
+    """Whether an event file in the root of ``run_dir`` holds the custom-scalars layout."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    for file in Path(run_dir).glob("events.out.tfevents.*"):
+        try:
+            for record in tf.data.TFRecordDataset(str(file)):
+                event = event_pb2.Event.FromString(record.numpy())
+                if any(v.tag == STEPLESS_TAGS[0] for v in event.summary.value):
+                    return True
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError):  # a torn record: the rest is unread
+            continue
+    return False
+
+
 def flush_writers(callbacks) -> None:
     """Flush gradlab's shared summary writers and those of Keras TensorBoard callbacks."""
     from gradlab import summaries
@@ -143,6 +315,31 @@ def flush_writers(callbacks) -> None:
         writers.extend(getattr(cb, "_writers", {}).values())
     for w in writers:
         w.flush()
+
+
+def release_writers(callbacks) -> None:
+    """After a run ended by an exception (no ``on_train_end``): flush and release the summary
+    writers its callbacks hold, as ``on_train_end`` would, without writing anything more.
+
+    Otherwise their buffered events reach the disk whenever the process ends -- after a resume
+    in the same process has repaired the files (written twice) or replaced them (lost) -- and
+    the shared writers of gradlab's diagnostics stay open for the next run in that directory.
+    """
+    from gradlab import summaries
+
+    for cb in callbacks:
+        try:
+            if getattr(cb, "_writer", None) is not None and getattr(cb, "log_dir", None) is not None:
+                summaries.release_writer(cb.log_dir)  # flushes; closes with its last user
+                cb._writer = None
+            if hasattr(cb, "_in_fit"):
+                cb._in_fit = False
+            close = getattr(cb, "_close_writers", None)  # keras.callbacks.TensorBoard
+            if callable(close) and isinstance(getattr(cb, "_writers", None), dict):
+                close()
+                cb._writers.clear()
+        except Exception as err:  # never hide the error that ended the run
+            log.debug("releasing the writers of %s failed: %s", type(cb).__name__, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +407,57 @@ class Checkpointer:
         return {"epoch": epoch, "batch": batch, "step": step,
                 "metrics": [np.array(v.numpy()) for v in self.model.metrics_variables]}
 
+    def candidates(self, directory: str | os.PathLike | None = None) -> list[str]:
+        """Every checkpoint of ``directory``, newest (highest step) first: those the manager's
+        index lists (even when their files are gone) and any ``ckpt-N.index`` on disk."""
+        import tensorflow as tf
+
+        d = Path(directory or self.directory)
+        found: dict[str, None] = {}
+        try:
+            state = tf.train.get_checkpoint_state(str(d))
+        except (ValueError, tf.errors.OpError):  # a damaged index: the files on disk still count
+            state = None
+        if state is not None:
+            for prefix in [*state.all_model_checkpoint_paths, state.model_checkpoint_path]:
+                found[os.path.normpath(prefix)] = None
+        for index in d.glob("ckpt-*.index"):
+            found[os.path.normpath(str(index)[:-len(".index")])] = None
+
+        def number(prefix: str) -> int:
+            m = re.search(r"-(\d+)$", prefix)
+            return int(m.group(1)) if m else -1
+
+        return sorted((p for p in found if number(p) >= 0), key=number, reverse=True)
+
+    def restore_latest(self, directory: str | os.PathLike | None = None,
+                       run_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        """Restore the newest readable checkpoint: ``(restore()'s result, its path)``, or
+        ``(None, None)`` when there is no checkpoint at all.
+
+        Each unreadable newer checkpoint is named in a one-line warning on stderr. When there are
+        checkpoints but none is readable, raises :class:`RunDirError` (one line naming the
+        directory) before anything was written.
+        """
+        d = Path(directory or self.directory)
+        candidates = self.candidates(d)
+        failures: list[tuple[str, str]] = []
+        for path in candidates:
+            restored, why = _try_restore(self, path)
+            if restored is None:
+                failures.append((path, why))
+                continue
+            for bad, reason in failures:
+                print(f"gradlab: warning: checkpoint {bad} is unreadable ({reason}); "
+                      "resuming from an earlier one", file=sys.stderr, flush=True)
+            return restored, path
+        if failures:
+            where = f"--resume {run_dir}: " if run_dir is not None else ""
+            names = ", ".join(Path(p).name for p, _ in failures)
+            raise NoReadableCheckpoint(f"{where}no readable checkpoint in {d} ({names}; "
+                                       f"{Path(failures[0][0]).name}: {failures[0][1]}); nothing was changed")
+        return None, None
+
     def restore_taps(self, path: str) -> None:
         import tensorflow as tf
 
@@ -230,6 +478,40 @@ class Checkpointer:
         return self.manager().save(checkpoint_number=step)
 
 
+class NoReadableCheckpoint(RunDirError):
+    """A run directory has checkpoints and none of them can be read (exit status 2)."""
+
+
+def _try_restore(checkpointer: "Checkpointer", path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(checkpointer.restore(path), None)``, or ``(None, why)`` when the checkpoint is unreadable
+    (nothing restored then).
+
+    TensorFlow's Python warnings are off meanwhile: a damaged checkpoint's failed restore logs
+    several lines ("... deleted with unrestored values") that are not gradlab's one line.
+    """
+    import gc
+
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        try:
+            # Read (and checksum) every tensor before restoring any: a restore reads only what it
+            # restores, so a damaged tap window would otherwise fail later, in the middle of fit.
+            reader = tf.train.load_checkpoint(path)
+            for name in reader.get_variable_to_dtype_map():
+                reader.get_tensor(name)
+            return checkpointer.restore(path), None
+        except Exception as err:  # a damaged checkpoint fails in many ways (OpError, IndexError, ...)
+            why = _reason(err)
+        gc.collect()  # the failed restore's objects (freed with the exception) warn when collected
+        return None, why
+    finally:
+        logger.setLevel(level)
+
+
 def make_callback(**kwargs):
     """The Keras callback that checkpoints and finishes a resume (built here to import Keras lazily)."""
     import keras
@@ -239,7 +521,7 @@ def make_callback(**kwargs):
 
         def __init__(self, *, checkpointer: Checkpointer, batches_per_epoch: int, every: int, chief: bool,
                      run_dir: Path | None, restored: dict | None, restored_path: str | None,
-                     callbacks: list, on_save=None):
+                     callbacks: list, on_save=None, steps_total: int | None = None):
             super().__init__()
             self.ckpt = checkpointer
             self.per_epoch = batches_per_epoch
@@ -250,6 +532,7 @@ def make_callback(**kwargs):
             self.restored_path = restored_path
             self.others = callbacks
             self.on_save = on_save
+            self.steps_total = steps_total
             self.last_saved = restored["step"] if restored else -1
             self.interrupted = False
             self._previous_handler = None
@@ -314,7 +597,10 @@ def make_callback(**kwargs):
 
         def on_epoch_end(self, epoch, logs=None):
             step = self.step()
-            if self._due(step):
+            # The final checkpoint waits for on_train_end, after the diagnostics' end-of-training
+            # writes (and the tap windows they empty): a resume from it repeats none of them.
+            final = self.steps_total is not None and step >= self.steps_total
+            if self._due(step) and not (final and not self.interrupted):
                 self.save(step)
             if self.interrupted:
                 self._interrupt(step)
@@ -327,8 +613,11 @@ def make_callback(**kwargs):
                                  f"{self.ckpt.directory}; resume with: {resume_command(where)}")
 
         def on_train_end(self, logs=None):
-            self.save(self.step())
+            step = self.step()
+            self.save(step)
             self._restore_handler()
+            if self.interrupted:  # Ctrl-C while the diagnostics wrote their end of training
+                self._interrupt(step)
 
         def _restore_handler(self):
             if self._previous_handler is not None:
@@ -342,4 +631,6 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError):
         return err.strerror or str(err)
     msg = getattr(err, "message", None) or str(err)
-    return msg.splitlines()[0][:200] if msg else type(err).__name__
+    msg = re.sub(r"^\s*\{\{function_node [^}]*\}\}\s*", "", msg)  # TensorFlow's op-function preamble
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
