@@ -145,7 +145,9 @@ class TrainConfig:
     epochs: int = _f(10, "int", "passes over the training data", minimum=1)
     device: str = _f("auto", "choice", "auto uses a GPU when one is visible", choices=DEVICES)
     jit_compile: bool = _f(False, "bool", "compile the train step with XLA")
-    steps_per_execution: int = _f(1, "int", "train steps per compiled call", minimum=1)
+    steps_per_execution: int = _f(1, "int", "train steps per compiled call; must divide the batches of an epoch, and "
+                                  "every diagnostic's `every` (and log_every) must be a multiple of it "
+                                  "(unset defaults are rounded up)", minimum=1)
     precision: str = _f("float32", "choice", "compute dtype policy; variables stay float32",
                         choices=PRECISIONS)
     log_every: int = _f(10, "int", "write step/loss (the mean over the steps since the last write) every N steps",
