@@ -214,22 +214,26 @@ def test_a_broken_sweep_json_is_one_line(tmp_path, capsys, text, message):
     assert not (tmp_path / "r.png").exists()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[1]", "top level: expected an object (the metrics gradlab run writes), got a list ([1])"),
-    ("null", "top level: expected an object (the metrics gradlab run writes), got null (null)"),
-    ("{1: 2}", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
-               "expected the metrics gradlab run writes"),
-    ('{"verdicts": 3}', "verdicts: expected a list of verdict objects or null, got a number (3)"),
-    ('{"status": "completed", "steps": "6", "epochs_completed": 2}',
-     'steps: expected a number or null, got a string ("6")'),
-    ('{"status": ["completed"]}', 'status: expected a string or null, got a list (["completed"])'),
+@pytest.mark.parametrize("file, text, message", [
+    ("metrics.json", "[1]", ": top level: expected an object (the metrics gradlab run writes), got a list ([1])"),
+    ("metrics.json", "null", ": top level: expected an object (the metrics gradlab run writes), got null (null)"),
+    ("metrics.json", "{1: 2}", ": not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                               "column 2 (char 1)); expected the metrics gradlab run writes"),
+    ("metrics.json", '{"verdicts": 3}', ": verdicts: expected a list of verdict objects or null, got a number (3)"),
+    ("metrics.json", '{"status": "completed", "steps": "6", "epochs_completed": 2}',
+     ': steps: expected a number or null, got a string ("6")'),
+    ("metrics.json", '{"status": ["completed"]}', ': status: expected a string or null, got a list (["completed"])'),
+    ("config.yaml", "name: x\ntrain: {epochs: [1\n", ":3: not valid YAML (expected ',' or ']', but got "
+                                                   "'<stream end>'); expected the config gradlab run saves"),
+    ("config.yaml", "- 1\n- 2\n", ": top level: expected a mapping (the config gradlab run saves), got a list ([1, 2])"),
+    ("config.yaml", "diagnostics: 5\n", ": diagnostics: expected a list or null, got a number (5)"),
 ])
-def test_a_broken_metrics_json_is_one_line(tmp_path, capsys, text, message):
+def test_a_broken_run_file_is_one_line(tmp_path, capsys, file, text, message):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.json").write_text(text)
+    (run / file).write_text(text)
     line = _one_line_exit_2(capsys, str(run), "--out", str(tmp_path / "r.png"))
-    assert line == f"{run / 'metrics.json'}: {message}"
+    assert line == f"{run / file}{message}"
     assert not (tmp_path / "r.png").exists()
 
 
@@ -240,16 +244,3 @@ def test_a_broken_run_metrics_json_in_a_sweep_is_one_line(sweep, tmp_path, capsy
     assert line.startswith(f"{copy / GOOD[1] / 'metrics.json'}: top level: expected an object")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: x\ntrain: {epochs: [1\n", ":3: not valid YAML (expected ',' or ']', but got '<stream end>'); "
-                                      "expected the config gradlab run saves"),
-    ("- 1\n- 2\n", ": top level: expected a mapping (the config gradlab run saves), got a list ([1, 2])"),
-    ("diagnostics: 5\n", ": diagnostics: expected a list or null, got a number (5)"),
-])
-def test_a_broken_config_yaml_is_one_line(tmp_path, capsys, text, message):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(text)
-    line = _one_line_exit_2(capsys, str(run), "--out", str(tmp_path / "r.png"))
-    assert line == f"{run / 'config.yaml'}{message}"
-    assert not (tmp_path / "r.png").exists()
