@@ -169,3 +169,33 @@ def test_tap_windows_from_other_diagnostics_are_not_restored_and_training_goes_o
     assert other.read_tap("b")["count"] == 0
     other.fit(x, y, batch_size=2, epochs=1, verbose=0)
     assert other.read_tap("b")["count"] == 2 and int(other.optimizer.iterations.numpy()) == 4
+
+
+def test_resume_with_steps_per_execution_is_exact(tmp_path, monkeypatch):
+    """Executions of 3 steps (21 batches per epoch), schedules that are multiples of 3, a
+    checkpoint every 7 steps (taken at execution ends): killed once and resumed, the run has the
+    uninterrupted run's weights and every tag at the same steps with the same values."""
+    import gradlab
+
+    (tmp_path / "slowdown.py").write_text(SLEEP)
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["train"].update(steps_per_execution=3, log_every=3)
+    cfg["diagnostics"] = [{"type": "gradient_stats", "every": 6}, {"type": "activation_saturation", "every": 9},
+                          {"type": "nonfinite"}, {"type": "health"}]
+    cfg["callbacks"][0]["args"]["seconds"] = 0.02
+    path = tmp_path / "spe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = _env(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run_and_kill(GRADLAB + ["run", str(path), "--run-dir", str(run), "--quiet"], run, env, after_step=28)
+    gradlab.run(str(path), run_dir=ref, quiet=True, verbose=0)
+    result = gradlab.run(resume=run, quiet=True, verbose=0)
+    assert result.metrics["resumed_from_step"] >= 28
+    m_ref, m_run = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
+    assert m_run["weights_sha256"] == m_ref["weights_sha256"]
+    s_ref, s_run = read_scalars(ref), read_scalars(run)
+    assert set(s_ref) == set(s_run)
+    for tag in s_ref:
+        assert [s for s, _ in s_run[tag]] == [s for s, _ in s_ref[tag]], tag
+        np.testing.assert_allclose([v for _, v in s_run[tag]], [v for _, v in s_ref[tag]], rtol=1e-6, err_msg=tag)
