@@ -37,12 +37,31 @@ class StepMetrics(Diagnostic):
         prev = self._last_step
         super().on_train_batch_end(batch, logs)
         now = self._last_step
-        if now > prev and ((now - 1) // self.every) * self.every >= prev:
-            for name, value in (logs or {}).items():
-                if name == "loss" and self._tap_key is not None:
-                    continue
-                try:
-                    self.scalar(f"step/{name}", float(value), now - 1)
-                except (TypeError, ValueError):
-                    continue
+        if now <= prev:
+            return
+        self._last_logs = (logs, now - 1)
+        if ((now - 1) // self.every) * self.every >= prev:
+            self._write_logs()
             self.flush_scalars()
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._last_logs = None  # (Keras logs, step) of the last execution not yet written
+
+    def on_train_end(self, logs=None):
+        # The metrics of the last step, like step/loss's last window: the end of training is seen.
+        self._write_logs()
+        super().on_train_end(logs)
+
+    def _write_logs(self) -> None:
+        if not getattr(self, "_last_logs", None):
+            return
+        logs, step = self._last_logs
+        self._last_logs = None
+        for name, value in (logs or {}).items():
+            if name == "loss" and self._tap_key is not None:
+                continue
+            try:
+                self.scalar(f"step/{name}", float(value), step)
+            except (TypeError, ValueError):
+                continue

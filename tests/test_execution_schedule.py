@@ -64,6 +64,9 @@ def test_defaults_are_rounded_up_and_every_due_step_is_written(tmp_path):
     assert [s for s, _ in scalars["gradients/global_norm"]] == [0, 12, 24]
     for tag in ("gradients/global_norm/window_max", "step/loss"):
         assert [s for s, _ in scalars[tag]] == [0, 12, 24, 35], tag
+    # Keras's running metrics: at the last step of each execution with a due step, and at the end
+    assert [s for s, _ in ref["step/accuracy"]] == [0, 12, 24, 35]
+    assert [s for s, _ in scalars["step/accuracy"]] == [3, 15, 27, 35]
     # the same values as the run with one step per execution and the same schedule
     for tag in ("gradients/global_norm", "gradients/global_norm/window_max", "step/loss"):
         assert [s for s, _ in ref[tag]] == [s for s, _ in scalars[tag]], tag
