@@ -609,8 +609,7 @@ def make_callback(**kwargs):
             self.save(step)
             self._restore_handler()
             where = self.run_dir if self.run_dir is not None else self.ckpt.directory
-            raise RunInterrupted(f"gradlab: interrupted at step {step}; checkpoint saved in "
-                                 f"{self.ckpt.directory}; resume with: {resume_command(where)}")
+            raise RunInterrupted(interrupted_message(where, step, step, self.ckpt.directory))
 
         def on_train_end(self, logs=None):
             step = self.step()

@@ -131,6 +131,10 @@ class Tap:
     """An in-step diagnostic: see the module docstring."""
 
     every_step: Callable[[TapInputs], Mapping[str, tf.Tensor]] | None = None
+    #: Outputs computed at due steps only. A tap with due outputs also has its window captured in
+    #: the step at each due step, so with ``steps_per_execution > 1`` a write covers exactly the
+    #: steps since the previous due step; a window-only tap is read after the execution (its window
+    #: then runs to the execution's last step). ``StepMetrics`` returns its loss here for that reason.
     on_due: Callable[[TapInputs], Mapping[str, tf.Tensor]] | None = None
     every: int = 1
     needs_updates: bool = False
