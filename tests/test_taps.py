@@ -20,21 +20,35 @@ from gradlab.train_step import GradlabModel, Tap, TapVector, lazy_cond
     np.array([1e-30, -1e-30, 0.0]),
     np.random.default_rng(2).normal(size=5).astype(np.float32),
 ])
-def test_histogram_buckets_match_tensorboards_own(data):
-    ours = summaries.histogram_buckets(tf.constant(data)).numpy()
+@pytest.mark.parametrize("counts", [summaries._fixed_width_counts, summaries._segment_counts],
+                         ids=["fixed_width", "segments"])
+def test_histogram_buckets_match_tensorboards_own(data, counts):
+    ours = counts(tf.constant(data), 30).numpy()
     theirs = tb_histogram._buckets(tf.constant(data), tf.constant(30)).numpy()
     np.testing.assert_array_equal(ours[:, 2], theirs[:, 2])
     np.testing.assert_allclose(ours[:, :2], theirs[:, :2], rtol=1e-12, atol=0)
     assert ours[:, 2].sum() == data.size
 
 
-def test_histogram_buckets_leave_out_nonfinite_and_handle_empty():
-    data = np.array([0.0, 1.0, np.nan, 2.0, np.inf, -np.inf, 3.0])
-    ours = summaries.histogram_buckets(tf.constant(data), 3).numpy()
-    theirs = tb_histogram._buckets(tf.constant(data[np.isfinite(data)]), tf.constant(3)).numpy()
-    np.testing.assert_array_equal(ours, theirs)
+@pytest.mark.parametrize("counts", [summaries._fixed_width_counts, summaries._segment_counts],
+                         ids=["fixed_width", "segments"])
+def test_histogram_buckets_leave_out_nonfinite_and_handle_empty(counts):
+    for data in (np.array([0.0, 1.0, np.nan, 2.0, np.inf, -np.inf, 3.0]),
+                 np.array([np.nan, 5.0, 5.0, -np.inf]),  # one finite value: all in the last bucket
+                 np.array([-np.inf, 2.0, np.nan, 0.5, 1.0], np.float32)):  # a non-finite entry first
+        ours = counts(tf.constant(data), 3).numpy()
+        theirs = tb_histogram._buckets(tf.constant(data[np.isfinite(data)]), tf.constant(3)).numpy()
+        np.testing.assert_array_equal(ours, theirs)
     for empty in (np.zeros([0]), np.array([np.nan, np.inf])):
-        np.testing.assert_array_equal(summaries.histogram_buckets(tf.constant(empty), 4).numpy(), np.zeros([4, 3]))
+        np.testing.assert_array_equal(counts(tf.constant(empty), 4).numpy(), np.zeros([4, 3]))
+
+
+def test_histogram_buckets_pick_the_fast_kernel_outside_xla():
+    data = tf.constant(np.random.default_rng(5).normal(size=50))
+    graph = tf.function(lambda t: summaries.histogram_buckets(t, 5)).get_concrete_function(data).graph
+    assert "HistogramFixedWidth" in {op.type for op in graph.get_operations()}
+    graph = tf.function(lambda t: summaries.histogram_buckets(t, 5), jit_compile=True).get_concrete_function(data).graph
+    assert "HistogramFixedWidth" not in {op.type for op in graph.get_operations()}
 
 
 def test_histogram_buckets_compile_with_xla():
