@@ -47,6 +47,8 @@ Example (a complete plug-in)::
 
 from __future__ import annotations
 
+import array
+import collections.abc
 import functools
 import weakref
 from collections import defaultdict
@@ -77,20 +79,64 @@ def registered() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
-class Observations:
-    """What diagnostics saw, shared per model: ``series[tag] -> [(step, value), ...]``.
+class Series(collections.abc.Sequence):
+    """One observed scalar series: a sequence of ``(step, value)`` tuples, in the order added.
 
-    Health and reports read it; diagnostics add to it with :meth:`Diagnostic.publish`. ``meta``
+    Stored as two packed arrays (int64 steps, float64 values): 16 bytes a point instead of ~90
+    for a list of tuples, which matters for a long run -- ``gradient_stats`` publishes ~50 values
+    per write for a 3-layer MLP and hundreds for a deep model, every write of the run.
+    Indexing gives a tuple (a slice, a list of tuples); it compares equal to a list of the same
+    tuples.
+    """
+
+    __slots__ = ("steps", "values")
+
+    def __init__(self, points=()):
+        self.steps = array.array("q")
+        self.values = array.array("d")
+        for step, value in points:
+            self.append((step, value))
+
+    def append(self, point) -> None:
+        step, value = point
+        self.steps.append(int(step))
+        self.values.append(float(value))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(zip(self.steps[i], self.values[i]))
+        return self.steps[i], self.values[i]
+
+    def __iter__(self):
+        return zip(self.steps, self.values)
+
+    def __eq__(self, other):
+        if isinstance(other, collections.abc.Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == tuple(b) for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Series({list(self)!r})"
+
+
+class Observations:
+    """What diagnostics saw, shared per model: ``series[tag]`` is a :class:`Series` of
+    ``(step, value)`` tuples.
+
+    Health and reports read it; diagnostics add to it with :meth:`Diagnostic.scalar`. ``meta``
     holds facts such as each layer's activation (``meta["activation"][layer]``).
     """
 
     def __init__(self):
-        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.series: dict[str, Series] = defaultdict(Series)
         self.meta: dict[str, dict] = defaultdict(dict)
         self.events: list[dict] = []
 
     def add(self, tag: str, step: int, value: float) -> None:
-        self.series[tag].append((int(step), float(value)))
+        self.series[tag].append((step, value))
 
     def clear(self) -> None:
         self.series.clear()

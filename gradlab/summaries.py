@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import threading
 
 import numpy as np
@@ -190,12 +191,26 @@ def scalar_value(tag: str, value: float) -> bytes:
     The bytes are the cached ``tag`` + ``metadata`` fields followed by the ``tensor`` field
     (field 8: ``dtype`` DT_FLOAT, an empty ``tensor_shape``, one packed ``float_val``). Protocol
     buffers accept fields in any order, so the concatenation is a valid message, and
-    concatenated entries are a valid ``Summary``.
+    concatenated entries are a valid ``Summary``. Everything but the 4 value bytes is a
+    per-tag constant (:func:`_scalar_prefix`).
     """
-    import struct
+    return _scalar_prefix(tag) + _pack_float(value)
 
-    body = _value_head("scalars", tag) + _SCALAR_TENSOR_HEAD + struct.pack("<f", value)
-    return b"\x0a" + _varint(len(body)) + body
+
+_scalar_prefixes: dict[str, bytes] = {}
+_pack_float = struct.Struct("<f").pack
+
+
+def _scalar_prefix(tag: str) -> bytes:
+    """The bytes of :func:`scalar_value` before its 4 value bytes, cached per tag (the entry's
+    length does not depend on the value)."""
+    prefix = _scalar_prefixes.get(tag)
+    if prefix is None:
+        body = _value_head("scalars", tag) + _SCALAR_TENSOR_HEAD
+        if len(_scalar_prefixes) > 65536:
+            _scalar_prefixes.clear()
+        prefix = _scalar_prefixes[tag] = b"\x0a" + _varint(len(body) + 4) + body
+    return prefix
 
 
 def histogram_value(tag: str, buckets) -> bytes:
@@ -244,8 +259,13 @@ def write_events(writer, scalars=(), histograms=()) -> None:
                 write_histogram_buckets(t, b, int(s))
         return
     by_step: dict[int, list] = {}
+    prefix, pack = _scalar_prefixes.get, _pack_float
     for t, v, s in scalars:
-        by_step.setdefault(int(s), []).append(scalar_value(t, float(v)))
+        parts = by_step.get(s)
+        if parts is None:
+            parts = by_step[int(s)] = []
+        parts.append(prefix(t) or _scalar_prefix(t))
+        parts.append(pack(v))
     for t, b, s in histograms:
         by_step.setdefault(int(s), []).append(histogram_value(t, b))
     for step, parts in by_step.items():

@@ -333,7 +333,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
                GradientNoise(every=2, source="probe", probe_data=(x, y))]  # the same batch on both
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=cbs)
         series = observations_for(model).series
-        return {k: v for k, v in series.items()}, str(type(model.trainable_variables[0].value))
+        return {k: list(v) for k, v in series.items()}, str(type(model.trainable_variables[0].value))
 
     mirrored, var_type = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     single, _ = train(tf.distribute.get_strategy())

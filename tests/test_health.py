@@ -184,3 +184,35 @@ def test_a_run_without_health_says_its_verdicts_were_not_checked(tmp_path, write
     assert proc.returncode == 0, proc.stderr
     assert "Health verdicts: not checked (no health diagnostic" in proc.stdout
     assert "Health verdicts: none" not in proc.stdout
+
+
+def test_observations_store_series_compactly_and_read_like_lists():
+    """A long run publishes millions of points (gradient_stats: ~50 per write for a small MLP).
+    As a list of ``(step, value)`` tuples a point cost ~90 bytes; a Series stores 16."""
+    import tracemalloc
+
+    from gradlab.callbacks import observations_for
+
+    class Model:
+        pass
+
+    obs = observations_for(Model())
+    obs.add("a", 0, 0.5)
+    obs.add("a", 10, float("nan"))
+    obs.add("a", 20, 2)
+    series = obs.series["a"]
+    assert len(series) == 3 and series[0] == (0, 0.5) and series[-1] == (20, 2.0)
+    assert series[1:][1] == (20, 2.0) and [s for s, _ in series] == [0, 10, 20]
+    assert series[:1] == [(0, 0.5)] and sorted(series)[0] == (0, 0.5)
+    assert math.isnan(series[1][1]) and series[1][0] == 10
+    obs.add("c", 3, 1.5)
+    assert obs.series["c"] == [(3, 1.5)] and obs.series["c"] != [(3, 1.0)] and obs.series["c"] != []
+    assert judge({"gradients/x/layer_norm": series}) == judge({"gradients/x/layer_norm": list(series)})
+
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for step in range(100_000):
+        obs.add("b", step, step * 0.5)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert used / 100_000 < 20, f"{used / 100_000:.1f} bytes per observed point"
