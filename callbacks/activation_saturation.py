@@ -45,7 +45,9 @@ convolutions, ...) or are activation layers. Layers without one (``Dropout``, no
 ``Flatten``) are skipped; a nested model counts as one layer without an activation. The kind of
 each analysed layer is published as ``observations_for(model).meta["activation"][layer]``, which
 is how :class:`gradlab.callbacks.Health` knows which layers can saturate and which can die.
-A subclassed model without a functional graph only gets its output analysed (as layer ``output``).
+A subclassed model without a functional graph only gets its output analysed (as layer ``output``),
+its kind read off the op that produced it (softmax, sigmoid, tanh, relu; else linear, or softmax
+logits with ``output_softmax`` and more than one unit).
 An LSTM or GRU layer (whose output is gated, not its ``activation`` of a pre-activation) is kind
 ``other``: mean and std only; ``SimpleRNN`` is analysed by its activation. A layer called more
 than once (a shared layer) is measured at its first call in the model's graph. The probe runs
@@ -257,6 +259,7 @@ class ActivationSaturation(Diagnostic):
 
     uses_probe = True
     probe_autograph = False
+    probe_needs_loss = False  # a forward pass only
 
     def __init__(self, *, log_dir: str | None = None, every: int = 100, threshold: float = 0.1,
                  histogram_every: int = 100, output_softmax: bool = True, probe_data=None, probe_size: int = 256):
@@ -294,8 +297,7 @@ class ActivationSaturation(Diagnostic):
         except (AttributeError, ValueError):
             plans = []
         if not plans:  # subclassed model: only its output
-            kind = "softmax" if self.output_softmax else "linear"
-            return [_Plan("output", None, kind, "output", self.output_softmax)], None
+            return [self._output_plan(model)], None
         if _dense_chain(model, plans):
             return plans, None
         tensors = []
@@ -304,6 +306,32 @@ class ActivationSaturation(Diagnostic):
             tensors.append(plan.layer.input if plan.pre in ("input", "dense") else plan.layer.output)
         sub_inputs = inputs[0] if len(inputs) == 1 else inputs
         return plans, keras.Model(sub_inputs, tensors, name=f"{model.name}_activation_probe")
+
+    def _output_plan(self, model) -> _Plan:
+        """The plan for a model without a functional graph: its output, whose kind is read off the
+        op that produced it (traced once on a probe row): ``Softmax``/``Sigmoid``/``Tanh``/``Relu``
+        give that kind (no pre-activation to report); anything else is linear, and with
+        ``output_softmax`` and more than one unit, logits of a softmax -- the same rules as for
+        a functional model's output layer."""
+        x, _ = self.probe_batch()
+        head = tf.nest.map_structure(lambda t: t[:1], x)
+        try:
+            if not model.variables:  # built eagerly first: Keras creates the variables at the first call
+                model(head, training=False)
+            out = tf.function(lambda t: model(t, training=False), autograph=False).get_concrete_function(head).outputs
+        except Exception:  # let the probe check report it
+            out = []
+        t = out[0] if len(out) == 1 else None
+        while t is not None and t.op.type in ("Identity", "IdentityN", "Cast"):
+            t = t.op.inputs[0] if t.op.inputs else None
+        kind = {"Softmax": "softmax", "Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu"}.get(
+            t.op.type if t is not None else "")
+        if kind is not None:
+            return _Plan("output", None, kind, None, False)
+        units = int(out[0].shape[-1] or 0) if len(out) == 1 and out[0].shape.rank else 0
+        if self.output_softmax and units > 1:
+            return _Plan("output", None, "softmax", "output", True)
+        return _Plan("output", None, "linear", "output", False)
 
     # ---- probe
     def probe_options(self, step: int) -> dict:

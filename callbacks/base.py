@@ -179,6 +179,9 @@ class Diagnostic(keras.callbacks.Callback):
     #: Convert :meth:`probe` with AutoGraph. Set False when it has no tensor-dependent Python
     #: control flow: converting a long probe costs seconds of start-up per run.
     probe_autograph: ClassVar[bool] = True
+    #: The probe differentiates or evaluates the model's compiled loss: :meth:`check_probe_batch`
+    #: then requires one. False for a probe that only runs the model forward.
+    probe_needs_loss: ClassVar[bool] = True
     #: Options that are step schedules. In a gradlab run with ``train.steps_per_execution`` k > 1
     #: each must be a multiple of k (an unset one is rounded up): callbacks run between
     #: executions, and a due step's outputs are captured once per execution.
@@ -199,6 +202,7 @@ class Diagnostic(keras.callbacks.Callback):
         self._tap_key: str | None = None
         self._probe_fn = None
         self._probe_model = None
+        self._probed: tuple[int, int] | None = None  # (id(model), step) of the last probe
         self._probe_fns: dict = {}
         self._probe_batch = None
         self._epoch_start_step: int | None = None
@@ -331,13 +335,32 @@ class Diagnostic(keras.callbacks.Callback):
                              f"rows ({', '.join(map(str, sorted(sizes)))}); x and y must have one row per sample")
         return x, y
 
+    def build_on_probe(self) -> None:
+        """Create a subclassed model's variables (Keras builds it only at its first step) by running
+        it on one probe row, for a diagnostic that needs them in ``on_train_begin``."""
+        model = self.model
+        if model.trainable_variables or model.non_trainable_variables:
+            return
+        x, _ = self.probe_batch()
+        try:
+            model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
+        except Exception as e:
+            raise ValueError(f"{type(self).__name__}: probe_data does not fit the model: {first_line(e)[:300]}") from None
+        if not model.trainable_variables:
+            raise ValueError(f"{type(self).__name__}: {model.name!r} has no trainable variables")
+
     def check_probe_batch(self, model, x, y) -> None:
-        """Raise a one-line ``ValueError`` when the probe batch does not fit ``model`` and its loss
-        (run eagerly on its first two rows, before anything is compiled)."""
+        """Raise a one-line ``ValueError`` when the probe batch does not fit ``model`` and (if
+        :attr:`probe_needs_loss`) its loss (run eagerly on its first two rows, before anything is
+        compiled). A model compiled without a loss is refused as such, not blamed on the data."""
         head = tf.nest.map_structure(lambda t: t[:2], (x, y))
+        if self.probe_needs_loss and getattr(model, "_compile_loss", None) is None and not _overrides_compute_loss(model):
+            raise ValueError(f"{type(self).__name__} needs the model's loss on the probe batch, and "
+                             f"{model.name!r} was compiled without one (compile(loss=...))")
         try:
             y_pred = model(head[0], training=False)
-            probe_loss(model, head[0], head[1], y_pred)
+            if self.probe_needs_loss:
+                probe_loss(model, head[0], head[1], y_pred)
         except Exception as e:  # the model's or the loss's own message, shortened to one line
             raise ValueError(f"{type(self).__name__}: probe_data does not fit the model or its loss: "
                              f"{first_line(e)[:300]}") from None
@@ -369,7 +392,9 @@ class Diagnostic(keras.callbacks.Callback):
                 self.check_probe_batch(model, *self._probe_batch)
                 self._probe_model, self._probe_fns = model, {}
                 self._probe_fn = self._compiled_probe({})
-            if self._last_step % self.every == 0:
+            # Step 0, or a due step this diagnostic has not probed yet: another fit of the same
+            # model starting where the last one ended (which probed it) would write it twice.
+            if self._last_step % self.every == 0 and self._probed != (id(model), self._last_step):
                 self._run_probe(self._last_step)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -409,6 +434,7 @@ class Diagnostic(keras.callbacks.Callback):
         return fn
 
     def _run_probe(self, step: int) -> None:
+        self._probed = (id(self._probe_model), step)
         x, y = self._probe_batch
         out = self._compiled_probe(self.probe_options(step))(x, y)
         self.write_probe(step, {k: np.asarray(v) for k, v in out.items()})
@@ -446,6 +472,11 @@ def probe_loss(model, x, y, y_pred) -> tf.Tensor:
     return loss
 
 
+def _overrides_compute_loss(model) -> bool:
+    """Whether ``model``'s class defines its own ``compute_loss`` (then it may need no compiled loss)."""
+    return type(model).compute_loss is not keras.Model.compute_loss
+
+
 def _count(model, attr: str) -> int | None:
     """How many inputs/outputs ``model`` has (None when Keras does not know yet)."""
     try:
@@ -456,7 +487,9 @@ def _count(model, attr: str) -> int | None:
 
 def _take_rows(data, n: int, count: int | None, name: str):
     """The first ``n`` rows of ``data``: one array, or a list/tuple/dict of arrays for a model
-    with several inputs or outputs (a list is one array when the model has a single one)."""
+    with several inputs or outputs (a list is one array when the model has a single one). When
+    the count is unknown (a subclassed model), a list/tuple whose items are all arrays or tensors
+    is several of them, as Keras's ``fit`` reads it."""
     several = "inputs" if name == "x" else "outputs"
 
     def rows(a):
@@ -471,6 +504,7 @@ def _take_rows(data, n: int, count: int | None, name: str):
 
     if isinstance(data, dict):
         return {k: rows(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)) and count is not None and count > 1:
+    if isinstance(data, (list, tuple)) and (count is not None and count > 1 or count is None and data and all(
+            tf.is_tensor(v) or isinstance(v, np.ndarray) for v in data)):
         return type(data)(rows(v) for v in data)
     return rows(data)

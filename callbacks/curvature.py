@@ -67,7 +67,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, register
+from gradlab.callbacks.base import Diagnostic, _count, register
 from gradlab.callbacks.gradient_noise import layer_groups, loss_reduction, output_fn, per_sample_loss_fn, read_params
 
 Vector = list  # a list of tensors shaped like the parameters
@@ -341,6 +341,11 @@ class Curvature(Diagnostic):
     def on_train_begin(self, logs=None):
         self._verdicts = []
         self._groups = layer_groups(self.model) if self.per_layer else {}
+        self.build_on_probe()
+        outputs = _count(self.model, "outputs")
+        if outputs is not None and outputs > 1:
+            raise ValueError(f"curvature needs a model with one output (its loss is built from per-sample "
+                             f"losses); {self.model.name!r} has {outputs}")
         self._loss = batch_loss_fn(self.model)
         shapes = [tuple(v.shape) for v in self.model.trainable_variables]
         key = (tuple(shapes), tuple(map(tuple, self._groups.values())), id(getattr(self.model, "loss", None)))

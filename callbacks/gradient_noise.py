@@ -102,9 +102,13 @@ ZERO_VARIANCE_RTOL = 1e-6
 def per_sample_loss_fn(model) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """The compiled loss of ``model`` as ``(y, y_pred) -> [B]`` per-sample values (float32).
 
-    Extra trailing axes of an unreduced Keras loss are averaged (as Keras's
-    ``sum_over_batch_size`` would). Raises ``ValueError`` for a model compiled without a single
-    loss (none, or a dict/list of losses for several outputs).
+    A loss given by name or as a function is wrapped as ``compile`` wraps it
+    (``LossFunctionWrapper``, which lines up the ranks of labels and predictions: labels ``(B,)``
+    against an output ``(B, 1)`` work). Extra trailing axes of an unreduced Keras loss are averaged
+    (as Keras's ``sum_over_batch_size`` would). A loss function that reduces over the batch
+    itself (returns a scalar) is evaluated on each sample as a batch of one, which is its
+    per-sample value for a mean or a sum. Raises ``ValueError`` for a model compiled without a
+    single loss (none, or a dict/list of losses for several outputs).
     """
     loss = getattr(model, "loss", None)
     if loss is None or isinstance(loss, (dict, list, tuple)):
@@ -112,12 +116,25 @@ def per_sample_loss_fn(model) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
                          f"gradients (got {loss!r})")
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
-    fn = loss.call if isinstance(loss, keras.losses.Loss) else loss
+    if not isinstance(loss, keras.losses.Loss):
+        from keras.src.losses.losses import LossFunctionWrapper  # what compile() wraps a function in
+
+        loss = LossFunctionWrapper(loss, name=getattr(loss, "__name__", None))
+    fn = loss.call
+
+    def one_at_a_time(y, y_pred):
+        return tf.vectorized_map(lambda pair: tf.reshape(tf.cast(fn(pair[0][None], pair[1][None]), tf.float32), []),
+                                 (y, y_pred))
 
     def per_sample(y, y_pred):
+        if tf.nest.is_nested(y_pred):  # a model with several outputs, compiled with one loss for all
+            raise ValueError(f"{model.name!r} has {len(tf.nest.flatten(y_pred))} outputs; per-sample losses "
+                             f"(gradient_noise, curvature) need a model with one output")
         values = tf.cast(fn(y, y_pred), tf.float32)
         rank = values.shape.rank
-        if rank is not None and rank > 1:
+        if rank == 0:
+            values = one_at_a_time(y, y_pred)
+        elif rank is not None and rank > 1:
             values = tf.reduce_mean(values, axis=list(range(1, rank)))
         return values
 
@@ -477,9 +494,13 @@ class GradientNoise(Diagnostic):
             Diagnostic.on_train_begin(self, logs)
             return
         x, y = self.probe_batch()
-        if tf.nest.is_nested(x) or tf.nest.is_nested(y):
-            raise ValueError(f"gradient_noise needs a model with one input and one output for per-sample "
-                             f"gradients; {self.model.name!r} has several")
+        self.build_on_probe()
+        for name, data in (("inputs", x), ("outputs", y)):
+            if tf.nest.is_nested(data):
+                count = len(tf.nest.flatten(data))
+                raise ValueError(f"gradient_noise needs a model with one input and one output for per-sample "
+                                 f"gradients; {self.model.name!r} has " + (f"{count} {name}" if count > 1 else
+                                 f"its {name[:-1]} in a {type(data).__name__}"))
         if x.shape[0] is not None and x.shape[0] < 2:
             raise ValueError(f"gradient_noise needs a probe batch of at least 2 samples (got {x.shape[0]})")
         self._loss_fn = per_sample_loss_fn(self.model)
