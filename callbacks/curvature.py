@@ -340,8 +340,8 @@ class Curvature(Diagnostic):
 
     def on_train_begin(self, logs=None):
         self._verdicts = []
+        self.build_on_probe()  # a subclassed model's variables, before they are grouped by layer
         self._groups = layer_groups(self.model) if self.per_layer else {}
-        self.build_on_probe()
         outputs = _count(self.model, "outputs")
         if outputs is not None and outputs > 1:
             raise ValueError(f"curvature needs a model with one output (its loss is built from per-sample "
