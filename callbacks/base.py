@@ -253,6 +253,17 @@ class Diagnostic(keras.callbacks.Callback):
         if self.log_dir is not None:
             self._pending.append((tag, float(value), int(step)))
 
+    def scalars(self, tags, values, step: int) -> None:
+        """:meth:`scalar` for each of ``tags`` with ``values[i]``, all at ``step``: the same
+        effect with less Python work per value (a diagnostic writing dozens of values a step)."""
+        step = int(step)
+        series = observations_for(self.model).series
+        values = [float(v) for v in values]
+        for tag, value in zip(tags, values):
+            series[tag].append((step, value))
+        if self.log_dir is not None:
+            self._pending.extend(zip(tags, values, [step] * len(values)))
+
     def flush_scalars(self) -> None:
         """Write the queued scalars and histograms (see :meth:`scalar`)."""
         pending, self._pending = self._pending, []

@@ -146,7 +146,8 @@ class GradientStats(Diagnostic):
             raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
         self.histogram_every = histogram_every
         self._before = None
-        self._tags: dict[str, tuple] = {}
+        self._stat_tags: dict[str, tuple] = {}  # due key -> (tag, layer whose norm it is, or None)
+        self._tags: dict[str, str] = {}
 
     # ---- channel selection
     def wants_probe(self, model) -> bool:
@@ -192,10 +193,21 @@ class GradientStats(Diagnostic):
     def write_tap(self, step, values):
         if values["due"]:
             self._write_stats(values["due_step"], values["due"])
+        tags, out = [], []
         for name, w in values["window"].items():  # every step since the previous write
-            self.scalar(f"gradients/{name}/window_max", w["max"], step)
+            tags.append(self._tag(f"@window/{name}", "gradients", name, "window_max"))
+            out.append(w["max"])
             if name == "global_norm":
-                self.scalar("gradients/global_norm/window_mean", w["mean"], step)
+                tags.append("gradients/global_norm/window_mean")
+                out.append(w["mean"])
+        self.scalars(tags, out, step)
+
+    def _tag(self, key: str, *parts: str):
+        """``summaries.tag(*parts)``, worked out once per ``key``."""
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = self._tags[key] = summaries.tag(*parts)
+        return tag
 
     def _write_stats(self, step: int, due: dict) -> None:
         """Write one due step's statistics.
@@ -206,28 +218,33 @@ class GradientStats(Diagnostic):
         """
         hist_due = self.histogram_every > 0 and step % self.histogram_every == 0
         layer_sq: dict[str, float] = {}
-        tags = self._tags
+        stats = self._stat_tags
+        tags, out = [], []
         for key, value in due.items():
             if key == "@histograms":
                 if hist_due:
                     for (layer, var), buckets in zip(summaries.variable_names(self.model), value):
                         self.histogram(summaries.tag("gradients", layer, var), buckets, step, buckets=None)
                 continue
-            entry = tags.get(key)
+            entry = stats.get(key)
             if entry is None:  # tag and layer of a key, worked out once
                 if key == "@logits/norm":
-                    entry = tags[key] = ("gradients/logits/norm", None)
+                    entry = stats[key] = ("gradients/logits/norm", None)
                 else:
                     layer, var, stat = key.rsplit("/", 2)
-                    entry = tags[key] = (summaries.tag("gradients", layer, var, stat), layer if stat == "norm" else None)
+                    entry = stats[key] = (summaries.tag("gradients", layer, var, stat), layer if stat == "norm" else None)
             tag, norm_of = entry
             value = float(value)
-            self.scalar(tag, value, step)
+            tags.append(tag)
+            out.append(value)
             if norm_of is not None:
                 layer_sq[norm_of] = layer_sq.get(norm_of, 0.0) + value * value
         for layer, sq in layer_sq.items():
-            self.scalar(summaries.tag("gradients", layer, "layer_norm"), float(np.sqrt(sq)), step)
-        self.scalar("gradients/global_norm", float(np.sqrt(sum(layer_sq.values()))), step)
+            tags.append(self._tag(f"@layer_norm/{layer}", "gradients", layer, "layer_norm"))
+            out.append(float(np.sqrt(sq)))
+        tags.append("gradients/global_norm")
+        out.append(float(np.sqrt(sum(layer_sq.values()))))
+        self.scalars(tags, out, step)
 
     # ---- probe channel (any Keras model)
     def on_train_batch_begin(self, batch, logs=None):
