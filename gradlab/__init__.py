@@ -13,13 +13,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["run", "load_config", "Experiment", "RunResult", "ConfigError", "GradlabError"]
 
-from gradlab.config import Experiment, load_config
-from gradlab.errors import ConfigError, GradlabError
+_HOMES = {"run": "experiment", "RunResult": "experiment", "Experiment": "config", "load_config": "config",
+          "ConfigError": "errors", "GradlabError": "errors"}
 
 
 def __getattr__(name):
-    if name in ("run", "RunResult"):
-        from gradlab import experiment
+    # Everything is imported on first use, so that `import gradlab` (and the `gradlab` command
+    # before it sets up its Ctrl-C handling) is nearly free.
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'gradlab' has no attribute {name!r}")
+    import importlib
 
-        return getattr(experiment, name)
-    raise AttributeError(f"module 'gradlab' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gradlab.{home}"), name)

@@ -197,7 +197,11 @@ COMMANDS.update(sweep=_cmd_sweep, check=_cmd_check, report=_cmd_report, tensorbo
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradlab`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("gradlab: interrupted", file=sys.stderr)
+        return 130
     from gradlab.errors import GradlabError, first_line
 
     try:

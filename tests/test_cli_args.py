@@ -46,3 +46,15 @@ def test_check_with_an_option_before_an_override_applies_the_override(capsys):
     assert main(["check", str(ROOT / "configs" / "default.yaml"), "--batch", "4", "train.reduction=sum"]) == 0
     out = capsys.readouterr().out
     assert "loss cross_entropy (sum)" in out and "on a batch of 4" in out
+
+
+def test_the_command_imports_almost_nothing_before_it_handles_ctrl_c():
+    """Until ``main`` runs, Ctrl-C prints Python's traceback: so importing ``gradlab.cli`` (and the
+    package) must stay cheap -- no config, YAML or TensorFlow imports (they took ~60 ms)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gradlab.cli; print(sorted(m for m in sys.modules if m.startswith(('gradlab', 'yaml', "
+            "'tensorflow', 'keras', 'numpy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "['gradlab', 'gradlab.cli']"
