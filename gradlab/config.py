@@ -125,7 +125,8 @@ class ModelConfig:
     kernel_initializer: Any = _f(None, "initializer",
                                  "name or {name: ..., args}; default: random_normal(stddev=1) for "
                                  "softmax_linear (the seed's tf.random.normal), glorot_uniform for mlp")
-    bias_initializer: Any = _f("zeros", "initializer", "name or {name: ..., args}; the seed's b is zeros")
+    bias_initializer: Any = _f("zeros", "initializer", "name or {name: ..., args}; the seed's b is zeros (null: zeros; "
+                                                       "constant without value is 0)")
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,9 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
 # Validation
 
 def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    options = [str(o) for o in options]
+    same_letters = [o for o in options if o.lower() == str(word).lower()]  # `CSV` for csv
+    close = same_letters or difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -392,6 +395,8 @@ def _check_range(chk: _Checker, path: tuple, value: float, meta: dict):
 
 
 def _check_initializer(chk: _Checker, path: tuple, value: Any):
+    """The checked initializer (a name, or ``{name, **args}``); ``None`` (YAML ``null``) stands for
+    the key's default. ``constant`` without ``value`` is 0, as in Keras."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -412,7 +417,12 @@ def _check_initializer(chk: _Checker, path: tuple, value: Any):
         chk.add(path, "orthogonal needs a matrix (a kernel); a bias is a vector")
         return None
     allowed = INITIALIZERS[name]
-    for key, arg in args.items():
+    for key, arg in list(args.items()):
+        if key not in INITIALIZER_CHOICES and isinstance(arg, str):  # PyYAML reads 1e-3 as a string
+            try:
+                arg = args[key] = float(arg)
+            except ValueError:
+                pass
         if key not in allowed:
             chk.add(path + (key,), f"{name} takes no argument {key!r} (allowed: {', '.join(allowed) or 'none'})"
                     f"{_suggest(key, allowed)}")
@@ -464,6 +474,8 @@ def _check_section(chk: _Checker, name: str, raw: Any, cls) -> Any:
         only = fields[key].metadata.get("only_for")
         if only and raw[key] is not None:
             other, allowed = only
+            if other in raw and other not in values:  # `other` itself was refused: it decides nothing
+                continue
             actual = getattr(section, other)
             if actual not in allowed:
                 chk.add((name, key), f"only used when {name}.{other} is {' or '.join(allowed)} "
@@ -609,18 +621,19 @@ def from_dict(raw: Any, *, file: str = "<dict>", lines: dict[tuple, int] | None 
     values: dict[str, Any] = {}
     name = raw.get("name", "experiment")
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > NAME_MAX:
-        chk.add(("name",), f"{name!r} must be a non-empty string of letters, digits, '_', '.', '-' "
+        shown = repr(name) if isinstance(name, str) else _described(name)
+        chk.add(("name",), f"{shown} must be a non-empty string of letters, digits, '_', '.', '-' "
                            f"of at most {NAME_MAX} characters (it becomes a directory name)")
     else:
         values["name"] = name
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        chk.add(("seed",), f"expected an integer in [0, 2**31), got {seed!r}")
+        chk.add(("seed",), f"expected an integer in [0, 2**31), got {_described(seed)}")
     else:
         values["seed"] = seed
     log_dir = raw.get("log_dir", "runs")
     if not isinstance(log_dir, str) or not log_dir:
-        chk.add(("log_dir",), f"expected a non-empty directory path, got {log_dir!r}")
+        chk.add(("log_dir",), f"expected a non-empty directory path, got {_described(log_dir)}")
     else:
         values["log_dir"] = os.path.expanduser(log_dir)  # "~/runs" is the home directory, as in a shell
     for section, cls in SECTIONS.items():
@@ -648,12 +661,18 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
-        value = value_text
+    except yaml.YAMLError:  # not YAML (e.g. `[64,64`): the text itself, for validation to name
+        return path, value_text
     if isinstance(value, str) and "," in value and not value_text.strip().startswith(("'", '"')):
-        parts = [yaml.safe_load(p) for p in value.split(",")]
-        value = parts
+        value = [_yaml_or_text(p) for p in value.split(",")]  # a=1,2,3 is the list [1, 2, 3]
     return path, value
+
+
+def _yaml_or_text(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> tuple[dict, dict[tuple, str]]:

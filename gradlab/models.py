@@ -26,12 +26,15 @@ DEFAULT_KERNEL = {"softmax_linear": {"name": "random_normal", "stddev": 1.0}, "m
 
 
 def make_initializer(spec: Any, seed: int | None = None) -> keras.initializers.Initializer:
-    """A Keras initializer from a config value: a name, or ``{name: ..., **args}``."""
+    """A Keras initializer from a config value: a name, or ``{name: ..., **args}``
+    (``constant`` without a ``value`` is 0, Keras's default)."""
     if isinstance(spec, str):
         name, args = spec, {}
     else:
         name, args = spec["name"], {k: v for k, v in spec.items() if k != "name"}
     config = dict(args)
+    if name == "constant":
+        config.setdefault("value", 0.0)
     if name not in ("zeros", "ones", "constant") and seed is not None:
         config["seed"] = seed
     return keras.initializers.get({"class_name": name, "config": config})
@@ -44,6 +47,7 @@ def build_model(cfg: ModelConfig, *, features: int, classes: int, seed: int = 0)
     same seed give identical weights.
     """
     kernel_spec = cfg.kernel_initializer if cfg.kernel_initializer is not None else DEFAULT_KERNEL[cfg.kind]
+    bias_spec = cfg.bias_initializer if cfg.bias_initializer is not None else "zeros"  # null: the default
     inputs = keras.Input(shape=(features,), name="features")
     x = inputs
     widths = list(cfg.hidden) if cfg.kind == "mlp" else []
@@ -51,12 +55,12 @@ def build_model(cfg: ModelConfig, *, features: int, classes: int, seed: int = 0)
         x = keras.layers.Dense(
             width, activation=cfg.activation, name=f"hidden_{i}",
             kernel_initializer=make_initializer(kernel_spec, seed * 1000 + 2 * i),
-            bias_initializer=make_initializer(cfg.bias_initializer, seed * 1000 + 2 * i + 1))(x)
+            bias_initializer=make_initializer(bias_spec, seed * 1000 + 2 * i + 1))(x)
     n = len(widths) + 1
     logits = keras.layers.Dense(
         classes, activation=None, name="logits", dtype="float32" if _mixed() else None,
         kernel_initializer=make_initializer(kernel_spec, seed * 1000 + 2 * n),
-        bias_initializer=make_initializer(cfg.bias_initializer,
+        bias_initializer=make_initializer(bias_spec,
             seed * 1000 + 2 * n + 1))(x)
     return GradlabModel(inputs=inputs, outputs=logits, name=cfg.kind)
 
