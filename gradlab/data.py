@@ -166,10 +166,29 @@ def make_blobs(samples: int = 300, features: int = 4, classes: int = 3, cluster_
 
 
 def _number(cell: str) -> float:
-    """``float(cell)`` as TensorFlow's CSV decoder reads it (which has no ``1_000`` digit groups)."""
-    if "_" in cell:
+    """``float(cell)`` as TensorFlow's CSV decoder reads it: no ``1_000`` digit groups, and ASCII
+    only (Python's ``float`` also takes non-ASCII digits and spaces such as a spreadsheet's
+    non-breaking space, which the decoder refuses mid-training)."""
+    if "_" in cell or not cell.isascii():
         raise ValueError(cell)
     return float(cell)
+
+
+def _csv_lines(handle, path: str):
+    """The physical lines of a CSV opened with ``newline=""``, refusing what the checked rows and
+    ``tf.data.TextLineDataset`` (one row per ``\n``-ended line) would read differently: a line
+    ended by a lone ``\r`` (classic Mac OS)."""
+    for lineno, line in enumerate(handle, start=1):
+        if line.endswith("\r"):
+            raise DataError(f"{path}:{lineno}: the line ends with a lone carriage return (\\r, classic Mac "
+                            f"line endings); save the file with \\n or \\r\\n line endings")
+        yield line
+
+
+def _one_line_row(row: list[str], path: str, lineno: int) -> None:
+    """Refuse a row whose quoted cell spans lines (the training pipeline reads one row per line)."""
+    if any("\n" in c or "\r" in c for c in row):
+        raise DataError(f"{path}:{lineno}: a quoted cell spans several lines; put each row on one line")
 
 
 def _is_number(cell: str) -> bool:
@@ -230,13 +249,17 @@ def check_rows(x: np.ndarray, y: np.ndarray, classes: int | None, where) -> np.n
     if bad.any():
         i = int(np.argmax(bad))
         raise DataError(f"{where(i)}: label {y[i].item()!r} is not an integer class index")
-    yi = yf.astype(np.int64)
-    out = (yi < 0) | (yi >= classes) if classes is not None else yi < 0
+    # Compared as floats, before the cast to int64 (which wraps labels beyond 2^63 to negatives).
+    # (Beyond 2^53 a float is no longer an exact integer; below it, a large label is reported by
+    # inferred_classes, which says how to mean it.)
+    out = (yf < 0) | (yf >= classes) if classes is not None else (yf < 0) | (yf >= 2.0 ** 53)
     if out.any():
         i = int(np.argmax(out))
-        bound = f"[0, {classes}) (data.classes)" if classes is not None else "[0, inf) (labels must be >= 0)"
-        raise DataError(f"{where(i)}: label {yi[i]} is outside {bound}")
-    return yi
+        bound = (f"[0, {classes}) (data.classes)" if classes is not None else
+                 "[0, 2^53) (labels are class indices)")
+        label = int(yf[i]) if abs(yf[i]) < 2.0 ** 53 else y[i].item()
+        raise DataError(f"{where(i)}: label {label} is outside {bound}")
+    return yf.astype(np.int64)
 
 
 def check_arrays(x: np.ndarray, y: np.ndarray, classes: int | None, source: str,
@@ -514,8 +537,9 @@ def _npz_open(cfg: DataConfig) -> tuple[_NpyStream, _NpyStream]:
         raise DataError(f"{cfg.path}: labels must be a 1-D array of class indices, got shape {ys.shape}")
     if xs.shape[0] != ys.shape[0]:
         raise DataError(f"{cfg.path}: {xs.shape[0]} feature rows but {ys.shape[0]} labels")
-    if not np.issubdtype(xs.dtype, np.number) or not np.issubdtype(ys.dtype, np.number):
-        raise DataError(f"{cfg.path}: features and labels must be numeric (got {xs.dtype} and {ys.dtype})")
+    if not all(np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)
+               for a in (xs, ys)):
+        raise DataError(f"{cfg.path}: features and labels must be real numbers (got {xs.dtype} and {ys.dtype})")
     return xs, ys
 
 
@@ -554,9 +578,10 @@ def _csv_layout(path: str, label_column: int, header_rule: str = "auto") -> tupl
     header = False
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            for lineno, row in enumerate(csv.reader(handle), start=1):
+            for lineno, row in enumerate(csv.reader(_csv_lines(handle, path)), start=1):
                 if not row or all(not c.strip() for c in row):
                     continue
+                _one_line_row(row, path, lineno)
                 if lineno == 1 and (header_rule == "first_line" or header_rule == "auto" and any(
                         _is_name(c) and not _is_number(c) for c in row)):
                     header = True
@@ -581,9 +606,10 @@ def _csv_chunks(cfg: DataConfig, lines_out: list):
     col = label_column if label_column >= 0 else width + label_column
     xs, ys, lines = [], [], []
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        for lineno, row in enumerate(csv.reader(handle), start=1):
+        for lineno, row in enumerate(csv.reader(_csv_lines(handle, path)), start=1):
             if (lineno == 1 and header) or not row or all(not c.strip() for c in row):
                 continue
+            _one_line_row(row, path, lineno)
             if len(row) != width:
                 raise DataError(f"{path}:{lineno}: expected {width} columns like the first row, got {len(row)}")
             try:
@@ -784,9 +810,15 @@ def _make_streamed(cfg: DataConfig, seed: int) -> Data:
     if cfg.shuffle:
         train = train.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     train = train.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
-    validation = val_rows.batch(cfg.batch_size) if val_rows is not None else None
+
+    def batched(rows, count: int, size: int):
+        """``rows`` in batches, with their number declared: the scan counted the rows, and Keras
+        warns "Your input ran out of data" at the end of a dataset of unknown length."""
+        return rows.batch(size).apply(tf.data.experimental.assert_cardinality(-(-count // size)))
+
+    validation = batched(val_rows, scan.val_rows, cfg.batch_size) if val_rows is not None else None
     return Data(train=train, validation=validation, x_train=head_x, y_train=head_y, x_val=None, y_val=None,
                 features=features, classes=classes, source=path, streamed=True, train_rows=scan.train_rows,
                 batch_size=cfg.batch_size, base_train=train_rows, shuffle=cfg.shuffle, shuffle_buffer=buffer,
-                seed=seed, eval_train=train_rows.batch(EVAL_BATCH),
-                eval_validation=None if val_rows is None else val_rows.batch(EVAL_BATCH))
+                seed=seed, eval_train=batched(train_rows, scan.train_rows, EVAL_BATCH),
+                eval_validation=None if val_rows is None else batched(val_rows, scan.val_rows, EVAL_BATCH))

@@ -437,7 +437,7 @@ def _run(config, overrides, *, run_dir, resume, verbose, quiet, held: contextlib
         model._gradlab_capture_iterator = True
         fit_started = True  # from here on, Ctrl-C is the checkpointing callback's to handle
         try:
-            history = model.fit(data.train_stream(exp.train.epochs, start), validation_data=data.validation,
+            model.fit(data.train_stream(exp.train.epochs, start), validation_data=data.validation,
                                 epochs=exp.train.epochs, initial_epoch=start // per_epoch, steps_per_epoch=per_epoch,
                                 callbacks=callbacks, verbose=verbose, shuffle=False)
         except Exception as err:
@@ -446,8 +446,8 @@ def _run(config, overrides, *, run_dir, resume, verbose, quiet, held: contextlib
             raise
         metrics = _final_metrics(model, data)
         metrics["steps"] = int(model.optimizer.iterations.numpy())
-        metrics["epochs_completed"] = exp.train.epochs if not history.history.get("loss") else \
-            start // per_epoch + len(history.history.get("loss", []))
+        # Whole epochs of steps trained: Keras also logs an epoch that a stop (NaN guard) cut short.
+        metrics["epochs_completed"] = min(exp.train.epochs, metrics["steps"] // per_epoch)
         metrics["device"] = device
         metrics["replicas"] = int(strategy.num_replicas_in_sync)
         if restored:
