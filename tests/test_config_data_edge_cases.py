@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from conftest import gradlab_cli, tiny_config
@@ -111,55 +112,34 @@ def _data_cfg(tmp_path: Path, name: str, path: Path, **data) -> tuple[Path, Path
     return _write_cfg(tmp_path, cfg), log_dir
 
 
-def test_csv_cell_with_non_breaking_space_is_a_data_error_before_the_run(tmp_path):
-    # Python's float() reads "1.0\xa0" (a spreadsheet's trailing NBSP), so the checking pass accepts
-    # it; TensorFlow's decode_csv then fails during training: "gradlab: internal error:
-    # InvalidArgumentError: Graph execution error:" (exit 1), run directory left with status failed.
+def _csv_bytes(row_3=None, row_1=None, newline="\n") -> bytes:
     rows = _rows()
-    rows[3] = "1.0\u00a0,2.0,1"
-    data = tmp_path / "nbsp.csv"
-    data.write_text("x1,x2,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    if row_3 is not None:
+        rows[3] = row_3
+    if row_1 is not None:
+        rows[1] = row_1
+    return (newline.join(["x1,x2,label", *rows]) + newline).encode("utf-8")
+
+
+@pytest.mark.parametrize("content, where, needle", [
+    # Python's float() reads "1.0\xa0" (a spreadsheet's trailing NBSP); TensorFlow's decode_csv then
+    # failed during training: "gradlab: internal error: InvalidArgumentError" (exit 1), run dir left.
+    (_csv_bytes(row_3="1.0\u00a0,2.0,1"), ":5", "is not a number"),
+    # Old-Mac "\r" line endings: Python's csv module read the rows, tf.data saw one line:
+    # "internal error: FailedPreconditionError" (exit 1).
+    (_csv_bytes(newline="\r"), ":1", "lone carriage return"),
+    # '"1.0\n",2.0,1' is one row for Python's csv module but two lines for tf.data.
+    (_csv_bytes(row_3='"1.0\n",2.0,1'), ":5", "spans several lines"),
+    # A label 1e20 was reported as "label -9223372036854775808 is outside [0, inf)", after a
+    # numpy RuntimeWarning and its source line on stderr.
+    (_csv_bytes(row_1="1.0,2.0,1e20"), ":3", "label 1e+20 is outside"),
+], ids=["non_breaking_space", "cr_line_endings", "multiline_cell", "huge_label"])
+def test_a_csv_the_training_pipeline_would_misread_is_refused_before_the_run(tmp_path, content, where, needle):
+    data = tmp_path / "bad.csv"
+    data.write_bytes(content)
     cfg, log_dir = _data_cfg(tmp_path, "csv", data)
     proc = gradlab_cli("run", "--quiet", str(cfg))
-    _assert_bad_input(proc, log_dir, str(data))
-
-
-def test_csv_with_cr_line_endings_is_read_or_refused_before_the_run(tmp_path):
-    # Old-Mac "\r" line endings: Python's csv module reads the rows, tf.data sees one line:
-    # "gradlab: internal error: FailedPreconditionError: Graph execution error:" (exit 1).
-    data = tmp_path / "cr.csv"
-    data.write_bytes(("x1,x2,label\r" + "\r".join(_rows()) + "\r").encode())
-    cfg, log_dir = _data_cfg(tmp_path, "csv", data)
-    proc = gradlab_cli("run", "--quiet", str(cfg))
-    assert "internal error" not in proc.stderr, proc.stderr
-    assert proc.returncode in (0, 2), proc.stderr
-    if proc.returncode == 2:
-        _assert_bad_input(proc, log_dir, str(data))
-
-
-def test_csv_quoted_multiline_cell_is_a_data_error_before_the_run(tmp_path):
-    # '"1.0\n",2.0,1' is one row for Python's csv module (float("1.0\n") == 1.0) but two lines for
-    # tf.data: internal error InvalidArgumentError during training, failed run directory left.
-    rows = _rows()
-    rows[3] = '"1.0\n",2.0,1'
-    data = tmp_path / "multiline.csv"
-    data.write_text("x1,x2,label\n" + "\n".join(rows) + "\n")
-    cfg, log_dir = _data_cfg(tmp_path, "csv", data)
-    proc = gradlab_cli("run", "--quiet", str(cfg))
-    _assert_bad_input(proc, log_dir, str(data))
-
-
-def test_huge_float_label_is_reported_as_written_in_one_line(tmp_path):
-    # A label 1e20 was reported as "label -9223372036854775808 is outside [0, inf)", preceded by a
-    # numpy "RuntimeWarning: invalid value encountered in cast" and its source line on stderr.
-    rows = _rows()
-    rows[1] = "1.0,2.0,1e20"
-    data = tmp_path / "hugelabel.csv"
-    data.write_text("x1,x2,label\n" + "\n".join(rows) + "\n")
-    cfg, log_dir = _data_cfg(tmp_path, "csv", data)
-    proc = gradlab_cli("run", "--quiet", str(cfg))
-    _assert_bad_input(proc, log_dir, f"{data}:3")
-    assert "-9223372036854775808" not in proc.stderr
+    _assert_bad_input(proc, log_dir, f"{data}{where}", needle)
 
 
 def test_complex_npz_features_are_an_error(tmp_path):
