@@ -174,7 +174,8 @@ def _cmd_check(args) -> int:
     print(f"{args.config}: {exp.model.kind}" + (f" {list(exp.model.hidden)} {exp.model.activation}"
                                                 if exp.model.kind == "mlp" else "")
           + f", loss {exp.train.loss} ({exp.train.reduction})")
-    print(gradcheck.format_result(result))
+    kinks = exp.model.kind == "mlp" and bool(exp.model.hidden) and exp.model.activation in ("relu", "leaky_relu")
+    print(gradcheck.format_result(result, kinks=kinks))
     return 0 if result.passed else 1
 
 

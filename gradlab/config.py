@@ -507,7 +507,8 @@ def check_execution_fits_epoch(exp: "Experiment", batches_per_epoch: int) -> Non
     k = exp.train.steps_per_execution
     if k <= 1 or batches_per_epoch % k == 0:
         return
-    divisors = [d for d in range(1, min(k, batches_per_epoch) + 1) if batches_per_epoch % d == 0][-4:]
+    n = batches_per_epoch
+    divisors = sorted(sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))[:4])
     raise ConfigError([(exp.source, None, "train.steps_per_execution",
                         f"{k} does not divide the {batches_per_epoch} batches of an epoch (data.batch_size "
                         f"{exp.data.batch_size}): an execution would run past the epoch's end; use "
@@ -798,8 +799,8 @@ def json_schema() -> dict:
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "name": {"type": "string", "pattern": NAME_PATTERN.pattern, "default": "experiment"},
-            "seed": {"type": "integer", "minimum": 0, "default": 0},
+            "name": {"type": "string", "pattern": NAME_PATTERN.pattern, "maxLength": NAME_MAX, "default": "experiment"},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1, "default": 0},
             "data": section(DataConfig),
             "model": section(ModelConfig),
             "train": section(TrainConfig),
@@ -810,7 +811,7 @@ def json_schema() -> dict:
                           "items": {"type": "object", "required": ["class"], "additionalProperties": False,
                                     "properties": {"class": {"type": "string", "pattern": "^[A-Za-z_][\\w.]*:[A-Za-z_]\\w*$"},
                                                    "args": {"type": "object"}}}},
-            "log_dir": {"type": "string", "default": "runs"},
+            "log_dir": {"type": "string", "minLength": 1, "default": "runs"},
             "sweep": {"type": "object", "description": "grid: key.path -> list of values",
                       "additionalProperties": {"type": "array", "minItems": 1}},
         },

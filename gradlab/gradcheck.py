@@ -237,8 +237,9 @@ def check_config(exp, *, batch: int = DEFAULT_BATCH, **kwargs) -> CheckResult:
         return check_model(model, loss, x, y, **kwargs)
 
 
-def format_result(result: CheckResult) -> str:
-    """The table ``gradlab check`` prints: one line per variable and a verdict line."""
+def format_result(result: CheckResult, kinks: bool = True) -> str:
+    """The table ``gradlab check`` prints: one line per variable and a verdict line; on a failure,
+    with ``kinks`` (a model with relu/leaky_relu units), a hint that a kink can cause it."""
     width = max([len(v.name) for v in result.variables] + [8])
     lines = [f"{'variable':<{width}}  {'shape':<12} {'checked':>9}  {'max |grad|':>11}  {'max rel error':>13}",
              ]
@@ -252,8 +253,9 @@ def format_result(result: CheckResult) -> str:
             f"delta {result.delta:.3g}")
     if failed:
         verdict = (f"FAILED: {len(failed)} of {len(result.variables)} variables above tolerance "
-                   f"{result.tolerance:g} ({', '.join(failed)}); a kink of relu/leaky_relu within delta of a "
-                   "pre-activation can also cause this -- rerun with another --batch to tell")
+                   f"{result.tolerance:g} ({', '.join(failed)})" + (
+                       "; a kink of relu/leaky_relu within delta of a pre-activation can also cause this -- "
+                       "rerun with another --batch to tell" if kinks else ""))
     else:
         verdict = (f"passed: every variable within tolerance {result.tolerance:g} "
                    f"(max rel error {result.max_rel_error:.2e})")

@@ -168,7 +168,7 @@ def run_block(name, variants, x, y, rounds):
         for v in order:
             v.time_epoch(len(x))
     base = variants[0]
-    print(f"\n[{name}] {len(x)} samples; wall clock: best of {rounds} epochs (median in brackets); "
+    print(f"\n[{name}] {len(x)} samples; wall clock: best of {rounds} epochs (median in its own column); "
           f"CPU time: median samples per CPU-second; paired: median over rounds of the slowdown "
           f"against the first variant's epoch of the same round")
     print(f"  {'variant':<46} {'samples/s':>10} {'vs first':>9} {'slowdown':>9} {'median':>9}"

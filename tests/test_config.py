@@ -221,3 +221,15 @@ def test_values_are_shown_as_yaml_spells_them(section, value, expected):
     with pytest.raises(ConfigError) as err:
         load_config(section, check_plugins=False)
     assert str(err.value) == f"<dict>: {expected}"
+
+
+def test_schema_bounds_of_top_level_keys_are_the_validators():
+    """An editor using `gradlab schema` must not accept a seed or name the CLI refuses."""
+    from gradlab.config import NAME_MAX
+
+    props = json_schema()["properties"]
+    assert props["seed"]["maximum"] == 2**31 - 1 and props["name"]["maxLength"] == NAME_MAX
+    load_config({"seed": 2**31 - 1, "name": "n" * NAME_MAX}, check_plugins=False)
+    for bad in ({"seed": 2**31}, {"name": "n" * (NAME_MAX + 1)}):
+        with pytest.raises(ConfigError):
+            load_config(bad, check_plugins=False)

@@ -176,3 +176,19 @@ def test_a_float32_loss_or_model_is_refused_not_checked():
     float32_model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(inputs))
     with pytest.raises(ValueError, match=r"needs a float64 model.*logits/kernel \(float32\)"):
         gradcheck.check_model(float32_model, loss, x, y)
+
+
+def test_the_kink_hint_appears_only_for_models_with_relu_units(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def last_line(config):
+        proc = subprocess.run([sys.executable, "-m", "gradlab.cli", "check", config, "--tolerance", "1e-15"],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 1, proc.stderr
+        return proc.stdout.strip().splitlines()[-1]
+
+    assert "kink" not in last_line("configs/default.yaml")  # softmax_linear: no relu anywhere
+    assert "kink of relu/leaky_relu" in last_line("configs/demo_relu_dead.yaml")
