@@ -176,8 +176,8 @@ def _number(cell: str) -> float:
 
 def _csv_lines(handle, path: str):
     """The physical lines of a CSV opened with ``newline=""``, refusing what the checked rows and
-    ``tf.data.TextLineDataset`` (one row per ``\n``-ended line) would read differently: a line
-    ended by a lone ``\r`` (classic Mac OS)."""
+    ``tf.data.TextLineDataset`` (one row per line feed) would read differently: a line ended by a
+    lone carriage return (classic Mac OS)."""
     for lineno, line in enumerate(handle, start=1):
         if line.endswith("\r"):
             raise DataError(f"{path}:{lineno}: the line ends with a lone carriage return (\\r, classic Mac "

@@ -83,8 +83,10 @@ def _fixed_width_counts(values, bucket_count: int):
     hi = tf.where(some, tf.cast(tf.reduce_max(tf.where(finite, v, -inf)), tf.float64), 0.0)
     spread = hi > lo
     x = tf.cast(tf.where(finite, v, tf.cast(lo, v.dtype)), tf.float64)
-    # The kernel refuses an empty range; with a single value the counts are set below instead.
-    counts = tf.histogram_fixed_width(x, tf.stack([lo, tf.where(spread, hi, lo + 1.0)]), nbins=bucket_count)
+    # The kernel refuses an empty range (lo + 1 may equal lo, e.g. 1e17): with a single value the
+    # counts are set below, and the kernel gets [0, 1].
+    value_range = tf.stack([tf.where(spread, lo, 0.0), tf.where(spread, hi, 1.0)])
+    counts = tf.histogram_fixed_width(x, value_range, nbins=bucket_count)
     counts = tf.cast(counts, tf.float64) - tf.one_hot(0, bucket_count, dtype=tf.float64) * nonfinite
     counts = tf.where(spread, counts, tf.one_hot(bucket_count - 1, bucket_count, dtype=tf.float64) * count)
     return _bucket_rows(lo, hi, counts, some, bucket_count)

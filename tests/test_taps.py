@@ -17,6 +17,7 @@ from gradlab.train_step import GradlabModel, Tap, TapVector, lazy_cond
     np.random.default_rng(0).normal(size=(64, 33)),
     np.random.default_rng(1).integers(-3, 4, size=500).astype(np.float64),  # many ties, edges on values
     np.full(17, 2.5),                                                            # a single value
+    np.full(4, 1e17),                                                            # one value where v + 1 == v
     np.array([1e-30, -1e-30, 0.0]),
     np.random.default_rng(2).normal(size=5).astype(np.float32),
 ])
