@@ -189,10 +189,9 @@ def _plan(model, output_softmax: bool) -> list[_Plan]:
             out = layer.output
         except (AttributeError, ValueError):
             continue
-        is_output = any(out is o for o in outputs)
-        is_logits = False
-        if is_output and kind == "linear" and output_softmax and int(out.shape[-1] or 0) > 1:
-            kind, is_logits = "softmax", True
+        is_logits = any(out is o for o in outputs) and _softmax_logits(kind, out, output_softmax)
+        if is_logits:
+            kind = "softmax"
         if isinstance(layer, _ACTIVATION_LAYERS):
             pre = "input"
         elif kind == "linear" or is_logits:
@@ -203,6 +202,14 @@ def _plan(model, output_softmax: bool) -> list[_Plan]:
             pre = None
         plans.append(_Plan(layer.name, layer, kind, pre, is_logits))
     return plans
+
+
+def _softmax_logits(kind: str | None, output, output_softmax: bool) -> bool:
+    """Whether a model output of ``kind`` is logits of a softmax: linear, with more than one unit,
+    and ``output_softmax`` on (the rule for functional and subclassed models alike)."""
+    shape = tuple(output.shape) if getattr(output.shape, "rank", 1) is not None else ()  # Keras or TF shape
+    units = int(shape[-1] or 0) if shape else 0
+    return kind == "linear" and output_softmax and units > 1
 
 
 def _dense_chain(model, plans: list[_Plan]) -> bool:
@@ -328,8 +335,7 @@ class ActivationSaturation(Diagnostic):
             t.op.type if t is not None else "")
         if kind is not None:
             return _Plan("output", None, kind, None, False)
-        units = int(out[0].shape[-1] or 0) if len(out) == 1 and out[0].shape.rank else 0
-        if self.output_softmax and units > 1:
+        if len(out) == 1 and _softmax_logits("linear", out[0], self.output_softmax):
             return _Plan("output", None, "softmax", "output", True)
         return _Plan("output", None, "linear", "output", False)
 
