@@ -20,9 +20,12 @@ _HOMES = {"run": "experiment", "RunResult": "experiment", "Experiment": "config"
 def __getattr__(name):
     # Everything is imported on first use, so that `import gradlab` (and the `gradlab` command
     # before it sets up its Ctrl-C handling) is nearly free.
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'gradlab' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
-    return getattr(importlib.import_module(f"gradlab.{home}"), name)
+    home = _HOMES.get(name)
+    if home is not None:
+        return getattr(importlib.import_module(f"gradlab.{home}"), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"gradlab.{name}") is not None:
+        return importlib.import_module(f"gradlab.{name}")  # `gradlab.config` as before: a submodule
+    raise AttributeError(f"module 'gradlab' has no attribute {name!r}")

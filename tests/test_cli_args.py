@@ -58,3 +58,12 @@ def test_the_command_imports_almost_nothing_before_it_handles_ctrl_c():
             "'tensorflow', 'keras', 'numpy'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "['gradlab', 'gradlab.cli']"
+
+
+def test_submodules_are_attributes_of_the_lazy_package():
+    import subprocess
+    import sys
+
+    code = "import gradlab; print(gradlab.config.__name__, gradlab.load_config.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["gradlab.config", "gradlab.config"]
