@@ -221,15 +221,31 @@ TOP_LEVEL = ("name", "seed", "data", "model", "train", "diagnostics", "callbacks
 # ----------------------------------------------------------------------------------------------
 # YAML with line numbers
 
+def _dotted(path: tuple) -> str:
+    """A key path as YAML spells it: ``data.1``, ``true`` (not Python's ``True``), ``null``."""
+    return ".".join("null" if p is None else str(p).lower() if isinstance(p, bool) else str(p) for p in path)
+
+
+def _node_key(key_node: yaml.Node) -> Any:
+    """A mapping key as the safe loader makes it (``1`` an int, ``true`` a bool), so the line
+    table is keyed like the parsed data; the node's text if it is no plain value."""
+    try:
+        key = yaml.constructor.SafeConstructor().construct_object(key_node, deep=True)
+        hash(key)
+        return key
+    except Exception:  # an unhashable key: yaml.load reports it
+        return key_node.value
+
+
 def _node_lines(node: yaml.Node, prefix: tuple, lines: dict, problems: list, file: str) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = _node_key(key_node)
             path = prefix + (key,)
             line = key_node.start_mark.line + 1
             if key in seen:
-                problems.append((file, line, ".".join(map(str, path)), "duplicate key (each key may appear once)"))
+                problems.append((file, line, _dotted(path), "duplicate key (each key may appear once)"))
             seen.add(key)
             lines[path] = line
             _node_lines(value_node, path, lines, problems, file)
@@ -290,7 +306,7 @@ class _Checker:
         self.problems: list[tuple[str, int | None, str, str]] = []
 
     def add(self, path: tuple, message: str) -> None:
-        dotted = ".".join(str(p) for p in path)
+        dotted = _dotted(path)
         if any(p[2] == dotted for p in self.problems):
             return  # one problem per key: the first is the cause, later checks would repeat it
         for n in range(len(path), 0, -1):  # an override of this key or of a parent wins

@@ -193,3 +193,21 @@ def test_top_level_values_are_shown_as_yaml_spells_them(tmp_path, write_yaml):
     assert "seed: expected an integer in [0, 2**31), got boolean true" in text
     assert "name: null must be" in text and "log_dir: expected a non-empty directory path, got integer 5" in text
     assert "True" not in text and "None" not in text
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("name: x\n\n1: a\n", 3, "1"),
+    ("name: x\ntrue: 3\n", 2, "true"),
+    ("name: x\n~: 3\n", 2, "null"),
+    ("name: x\ndata:\n  name: iris\n  2.5: x\n", 4, "data.2.5"),
+])
+def test_a_key_yaml_reads_as_a_number_or_boolean_is_reported_at_its_line(write_yaml, text, line, key):
+    # `1: a` at the top level was reported without a line ("exp.yaml: 1: unknown key"): the line
+    # table was keyed by the key's text '1', the parsed data by the integer 1. `true` was shown as
+    # Python's True.
+    from gradlab.config import ConfigError, load_config
+
+    cfg = write_yaml(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, check_plugins=False)
+    assert [(p[1], p[2]) for p in err.value.problems] == [(line, key)], err.value.problems
