@@ -220,8 +220,9 @@ class NonFiniteGuard(Diagnostic):
             if due:
                 self._check_tap()
             return
-        self._check_logs(prev, now, logs)
-        if self.probe_every and (now // self.probe_every) * self.probe_every > prev:
+        reported = self._check_logs(prev, now, logs)
+        # A probe due after an execution whose loss went bad sees the same divergence: one report.
+        if not reported and self.probe_every and (now // self.probe_every) * self.probe_every > prev:
             self._check_probe(now)
 
     def _check_tap(self, force: bool = False) -> None:
@@ -249,17 +250,20 @@ class NonFiniteGuard(Diagnostic):
         self._report(describe(step, self._names, loss_bad, loss_nan, bad, nan), bad_steps)
 
     # ---- plain Keras models
-    def _check_logs(self, prev: int, now: int, logs) -> None:
+    def _check_logs(self, prev: int, now: int, logs) -> bool:
+        """Report a loss that turned nonfinite in the execution of steps ``prev .. now - 1``;
+        True if it did."""
         loss = (logs or {}).get("loss")
         try:
             loss = float(loss)
         except (TypeError, ValueError):
-            return
+            return False
         if math.isfinite(loss) or self._epoch_reported:
-            return
+            return False
         event = self._probe_event(prev) or describe(prev, self._names, True, math.isnan(loss), set(), set())
         self._epoch_reported = True  # the running mean stays nonfinite for the rest of the epoch
         self._report(event, 1)
+        return True
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)

@@ -252,3 +252,19 @@ def test_an_epoch_whose_every_step_was_skipped_has_no_loss_not_zero(tmp_path):
     assert math.isfinite(epoch_loss[0][1]) and epoch_loss[0][1] > 0
     assert math.isnan(epoch_loss[1][1])
     assert read_metrics(result.run_dir)["loss"] is None
+
+
+def test_plain_model_with_steps_per_execution_records_one_divergence_once():
+    # steps_per_execution 4, probe every 4: the loss of the execution of steps 0-3 turns NaN at
+    # step 2 (reported at the execution's first step, 0), and the probe after that execution (step
+    # 4) found the same NaN weights and recorded the divergence a second time.
+    model = _plain_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), steps_per_execution=4,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    y = (np.arange(16) % 3).astype(np.int32)
+    x[4 * 2] = 3e38  # batch of step 2
+    guard = NonFiniteGuard(action="warn", probe_every=4, probe_data=(x[:4], y[:4]))
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [e["step"] for e in guard.events] == [0], guard.events
+    assert guard.count == 1
