@@ -8,7 +8,7 @@ gradient whose entries exceed ~1.8e19 overflows ``s_i`` and counts as Inf: the u
 meaningless anyway.) Per window it keeps, for the loss and every variable, the *first step*
 at which it was nonfinite (the window minimum of ``step if bad else +inf``), so the first bad
 step and the variables affected at that step are exact, also with ``steps_per_execution > 1``
-(exact up to step 2^24 = 16,777,216, float32's integer range).
+(the window keeps steps in float64: exact up to step 2^53).
 
 The report names the step, the layer and the variable. When several gradients are nonfinite
 at that step, the one named is the first in *backprop order* (the layer nearest the output
@@ -194,18 +194,18 @@ class NonFiniteGuard(Diagnostic):
     def make_tap(self, model):
         n = len(model.trainable_variables)
         scaler = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        inf = tf.constant(np.inf, tf.float32)
+        inf = tf.constant(np.inf, tf.float64)
 
         names = (["loss_step", *(f"g{i}" for i in range(n)), "loss_nan_step", *(f"n{i}" for i in range(n)), "bad"])
 
         def every_step(inp):
             # Vectorised over [loss, s_0 .. s_{n-1}]: about ten ops a step for any number of variables.
-            step = tf.cast(inp.step, tf.float32)
+            step = tf.cast(inp.step, tf.float64)
             values = tf.concat([tf.reshape(tf.cast(inp.loss, tf.float32), [1]), inp.squared_norm_vector[:n]], 0)
             ok = tf.math.is_finite(values)
             bad = tf.logical_not(ok[0] if scaler else tf.reduce_all(ok))
             return TapVector(names, tf.concat([tf.where(ok, inf, step), tf.where(tf.math.is_nan(values), step, inf),
-                                               tf.reshape(tf.cast(bad, tf.float32), [1])], 0))
+                                               tf.reshape(tf.cast(bad, tf.float64), [1])], 0))
 
         # It sees loss-scale overflow steps: a NaN loss at such a step is still the model's problem.
         return Tap(every_step=every_step, every=1, signal="bad", sees_overflow_steps=True)

@@ -9,7 +9,9 @@ A tap (:class:`Tap`) is a pair of pure tensor functions of :class:`TapInputs`:
 
 * ``every_step(inputs) -> {name: scalar}`` (or a :class:`TapVector`) runs on every step. Each
   scalar is kept in accumulators over a *window* of steps: ``last``, ``mean``, ``max`` and
-  ``min``. A spike between two writes therefore shows up in the window ``max``.
+  ``min`` (in float64: a sum of float32 values does not overflow, and integers such as step
+  numbers stay exact to 2^53). A spike between two writes therefore shows up in the window
+  ``max``.
 * ``on_due(inputs) -> {name: tensor}`` runs only on steps where ``step % every == 0`` (inside a
   :func:`lazy_cond`); its outputs (any shape) are stored with the step they were computed at,
   together with the tap's window as it stands at that step, and the window starts again. So a
@@ -104,7 +106,7 @@ class TapInputs:
 
 
 class TapVector(collections.abc.Mapping):
-    """``every_step`` outputs given as one float32 vector: output ``names[i]`` is ``vector[i]``.
+    """``every_step`` outputs given as one vector: output ``names[i]`` is ``vector[i]``.
 
     Return one from :attr:`Tap.every_step` instead of a dict of scalars to fold many values
     into the window with no op per value (on a CPU each small op costs a few microseconds a step).
@@ -283,7 +285,7 @@ class _Window:
 def _empty_window(columns: int) -> np.ndarray:
     """Rows ``last, sum, max, min`` of an empty window: 0, 0, -inf, +inf."""
     return np.stack([np.zeros(columns), np.zeros(columns), np.full(columns, -np.inf),
-                     np.full(columns, np.inf)]).astype(np.float32)
+                     np.full(columns, np.inf)]).astype(np.float64)
 
 
 class GradlabModel(keras.Model):
@@ -446,8 +448,9 @@ class GradlabModel(keras.Model):
         that due step.
 
         The read (and reset) is one compiled call: reading the variables one by one in eager
-        mode costs several times more per write. ``count`` is kept in float32: exact for
-        windows of up to 2^24 steps.
+        mode costs several times more per write. The window is kept in float64: its sums do
+        not overflow for float32 values, and ``count`` (and a step a tap keeps as float64) is
+        exact up to 2^53.
         """
         state = self._gradlab_taps[key]
         columns, due_step, due_scalars, due_values = self._tap_read_fn(state, reset)()
@@ -550,12 +553,12 @@ class GradlabModel(keras.Model):
                         if out.names != state.window_names:
                             raise ValueError(f"a tap's TapVector names changed after registration: "
                                              f"{state.window_names} -> {out.names}")
-                        pieces.append(tf.cast(out.vector, tf.float32))
+                        pieces.append(tf.cast(out.vector, tf.float64))
                     else:
                         for n in state.window_names:
-                            value = tf.cast(out[n], tf.float32)
+                            value = tf.cast(out[n], tf.float64)
                             scalars.append(value if value.shape.rank == 0 else tf.reshape(value, []))
-                scalars.append(tf.constant(1.0))
+                scalars.append(tf.constant(1.0, tf.float64))
             pieces.append(tf.stack(scalars))
             vec = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
             acc = window.value()

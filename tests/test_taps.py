@@ -357,3 +357,21 @@ def test_plain_variant_only_when_no_tap_of_any_schedule_is_due():
     model.fit(x, np.arange(48) % 2, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[Record()])
     assert model._gradlab_window_holder.plain_executions == 2
     assert seen == {3: list(range(0, 24, 3)), 4: list(range(0, 24, 4))}
+
+
+def test_window_sums_do_not_overflow_and_keep_float64_values_exact():
+    # The window was float32: four steps of a value near float32's max summed to inf (the
+    # window mean of a diverging loss read inf while every value was finite), and a step count
+    # above 2^24 could not be told from its neighbour.
+    model = _model()
+    x = np.zeros((8, 3), np.float32)
+    y = np.array([0, 1] * 4)
+    big = float(np.finfo(np.float32).max) / 2
+    model.register_tap("big", Tap(every_step=lambda inp: {
+        "huge": tf.constant(big, tf.float32),
+        "late_step": tf.cast(inp.step, tf.float64) + (2 ** 24 + 1)}))
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False)  # steps 0..3
+    window = model.read_tap("big")["window"]
+    assert window["huge"]["mean"] == pytest.approx(big, rel=1e-7)
+    assert window["late_step"] == {"last": 2 ** 24 + 4.0, "mean": 2 ** 24 + 2.5,
+                                   "max": 2 ** 24 + 4.0, "min": 2 ** 24 + 1.0}
