@@ -105,9 +105,16 @@ def update_ratio(delta: tf.Tensor, before: tf.Tensor) -> tf.Tensor:
 def weight_update_ratio(before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
     """``||after - before|| / ||before||`` (``/ ||after||`` when ``before`` is zero; 0/0 is 0)."""
     before, after = tf.cast(before, tf.float32), tf.cast(after, tf.float32)
-    d = tf.sqrt(2.0 * tf.nn.l2_loss(after - before))
-    b = tf.sqrt(2.0 * tf.nn.l2_loss(before))
+    return norms_update_ratio(2.0 * tf.nn.l2_loss(after - before), 2.0 * tf.nn.l2_loss(before), after)
+
+
+def norms_update_ratio(delta_sq: tf.Tensor, before_sq: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
+    """:func:`weight_update_ratio` from ``||delta||^2`` and ``||before||^2`` (``after`` is only
+    read, in a pass, when ``before`` is zero)."""
+    d = tf.sqrt(tf.cast(delta_sq, tf.float32))
+    b = tf.sqrt(tf.cast(before_sq, tf.float32))
     # ||after|| only matters for zero-initialised weights: computed (a pass) only then.
+    after = tf.cast(after, tf.float32)
     denom = tf.where(b > 0, b, tf.sqrt(2.0 * tf.nn.l2_loss(_only_if(tf.reshape(after, [-1]), b <= 0))))
     return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
 
@@ -173,12 +180,16 @@ class GradientStats(Diagnostic):
 
         def on_due(inp):
             out = {"@logits/norm": tf.norm(inp.logits_grad)}
-            before = inp.weights_before
+            updates, before_sq = inp.updates, inp.weight_squared_norms_before
             for i, ((layer, var), g, v) in enumerate(zip(names, inp.grads, inp.variables)):
                 for stat, value in variable_stats(g, inp.squared_norms[i]).items():
                     out[f"{layer}/{var}/{stat}"] = value
-                if before is not None:
-                    out[f"{layer}/{var}/update_ratio"] = weight_update_ratio(before[i], v)
+                if updates is not None:
+                    if before_sq is None:  # updates from a weight snapshot: its norm here
+                        ratio = weight_update_ratio(inp.weights_before[i], v)
+                    else:
+                        ratio = norms_update_ratio(2.0 * tf.nn.l2_loss(updates[i]), before_sq[i], v)
+                    out[f"{layer}/{var}/update_ratio"] = ratio
             if hist:
                 # Buckets (not gradient copies), and only at histogram steps.
                 shape = [len(names), summaries.HISTOGRAM_BUCKETS, 3]

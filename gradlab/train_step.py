@@ -43,6 +43,7 @@ as a step, so TensorBoard steps never repeat.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -65,9 +66,17 @@ class TapInputs:
         variables: the trainable variables, in the same order.
         logits: the model output of this step.
         logits_grad: d loss / d logits for this batch.
-        updates: ``w_after - w_before`` per variable when a tap asked for them, else ``None``.
+        updates: ``w_after - w_before`` per variable when a tap asked for them, else ``None``:
+            the update the optimizer applied. With one device and an optimizer whose every write
+            to the weights goes through its ``assign_add``/``assign_sub`` (SGD, momentum, Adam,
+            RMSprop, ...: :func:`update_capture_supported`) it is the tensor the optimizer wrote,
+            recorded as it wrote it (no weight copy); otherwise the difference of the weights
+            after the update and a float32 copy taken before it.
         weights_before: the float32 weights before this step's update when a tap asked for
             updates, else ``None`` (``variables`` hold the weights after it).
+        weight_squared_norms_before: when the updates are recorded (see ``updates``),
+            ``[sum(w_i^2)]`` of the weights before the update (float32 ``[len(variables)]``,
+            computed before it on due steps); else ``None`` (read ``weights_before``).
         layer_inputs, pre_activation_grads: when a tap asked for them (``needs_layers``) and the
             model is a :func:`dense_chain` on one device, trained without sample weights: per
             ``Dense`` layer, its input ``A_l`` (``[B, in]``) and ``d loss / d z_l`` at its
@@ -89,6 +98,7 @@ class TapInputs:
     layer_inputs: list | None = None
     pre_activation_grads: list | None = None
     overflow: tf.Tensor | None = None
+    weight_squared_norms_before: tf.Tensor | None = None
 
     @functools.cached_property
     def squared_norm_vector(self) -> tf.Tensor:
@@ -208,6 +218,132 @@ class _Updates(collections.abc.Sequence):
         return tf.cast(self.variables[i], tf.float32) - self.before[i]
 
 
+class _UpdateCapture:
+    """Record the updates a Keras optimizer applies, as it applies them, instead of copying the weights.
+
+    While active, the optimizer's ``assign_add``/``assign_sub`` (which every built-in Keras
+    optimizer's ``update_step`` goes through) are wrapped so that, per trainable variable, the
+    tensor added or subtracted is kept: ``delta = sum(added) - sum(subtracted)`` is the update
+    the optimizer applied (exact: the tensor it wrote, before rounding into the weight). No
+    weight copy is made: a snapshot of the weights costs a copy of every trainable variable
+    (memory and, on a CPU, ~0.4 ms per due step for a 670k-parameter MLP) plus a pass to
+    subtract it.
+
+    It is only used when :func:`update_capture_supported` has shown, on a trial trace of the
+    optimizer's ``apply``, that those two methods are the *only* writes to every trainable
+    variable: no ``assign`` (constraints, EMA overwrite), no direct ``tf.Variable`` write
+    (Keras's weight decay), no write inside a nested function (gradient accumulation, the loss
+    scaler's conditional apply), no sparse update. Otherwise the step falls back to the weight
+    snapshot.
+    """
+
+    def __init__(self, optimizer, variables):
+        self.optimizer = optimizer
+        self.keys = {optimizer._var_key(v): i for i, v in enumerate(variables)}
+        self.added: list[list] = [[] for _ in variables]
+        self.invalid: list[str] = []
+
+    def _record(self, variable, value, sign):
+        i = self.keys.get(self.optimizer._var_key(variable))
+        if i is None:
+            return  # an optimizer variable (moments), not a trainable weight
+        if isinstance(value, tf.IndexedSlices):
+            self.invalid.append("a sparse update")
+            return
+        self.added[i].append((sign, tf.cast(value, tf.float32)))
+
+    def __enter__(self):
+        opt = self.optimizer
+        add, sub = opt.assign_add, opt.assign_sub
+
+        def assign_add(variable, value):
+            self._record(variable, value, 1.0)
+            return add(variable, value)
+
+        def assign_sub(variable, value):
+            self._record(variable, value, -1.0)
+            return sub(variable, value)
+
+        opt.assign_add, opt.assign_sub = assign_add, assign_sub  # instance attributes shadow the methods
+        return self
+
+    def __exit__(self, *exc):
+        del self.optimizer.assign_add, self.optimizer.assign_sub
+
+    def deltas(self, variables) -> list:
+        """Per variable, the float32 update applied (zeros for a variable the optimizer left alone)."""
+        out = []
+        for v, parts in zip(variables, self.added):
+            delta = None
+            for sign, value in parts:
+                term = value if sign > 0 else -value
+                delta = term if delta is None else delta + term
+            out.append(tf.zeros(v.shape, tf.float32) if delta is None else tf.reshape(delta, v.shape))
+        return out
+
+
+_WRITES = {"AssignAddVariableOp", "AssignSubVariableOp"}
+
+
+def update_capture_supported(optimizer, variables) -> tuple[bool, str]:
+    """Whether :class:`_UpdateCapture` sees every write ``optimizer.apply`` makes to ``variables``.
+
+    Traces ``apply`` once on zero gradients (a trace only: nothing runs, no state changes) with
+    the capture active, and compares, per variable, the recorded ``assign_add``/``assign_sub``
+    calls with the ops of the traced graph that use the variable's handle: every such op must be
+    a read or one of the recorded writes, all in the same graph. Returns ``(ok, reason)``.
+    """
+    variables = list(variables)
+    report: dict = {}
+
+    def trial():
+        grads = [tf.zeros(v.shape, v.dtype) for v in variables]
+        with _UpdateCapture(optimizer, variables) as capture:
+            optimizer.apply(grads, variables)
+        report["capture"] = capture
+        report["graph"] = tf.compat.v1.get_default_graph()
+        return tf.constant(0)
+
+    try:
+        tf.function(trial, autograph=False).get_concrete_function()
+    except Exception as err:  # noqa: BLE001 - any failure means: use the snapshot
+        return False, f"the trial trace failed ({type(err).__name__})"
+    capture, graph = report["capture"], report["graph"]
+    if capture.invalid:
+        return False, capture.invalid[0]
+    internal = {id(ext): inner for ext, inner in graph.captures}
+    for i, v in enumerate(variables):
+        handle = internal.get(id(getattr(v, "value", v).handle))
+        if handle is None:
+            return False, f"variable {v.name} is not used by the optimizer's apply"
+        writes = 0
+        for consumer in handle.consumers():
+            if consumer.type == "ReadVariableOp":
+                continue
+            if consumer.type not in _WRITES:
+                return False, f"variable {v.name} is written by a {consumer.type} op"
+            writes += 1
+        recorded = capture.added[i]
+        if writes != len(recorded) or any(value.graph is not graph for _, value in recorded):
+            return False, f"variable {v.name} has writes the capture does not see"
+    return True, ""
+
+
+class _WeightsBefore(collections.abc.Sequence):
+    """``w_after - update`` per variable, built where it is read (recorded updates: no copy kept)."""
+
+    def __init__(self, variables, deltas):
+        self.variables, self.deltas = list(variables), list(deltas)
+
+    def __len__(self) -> int:
+        return len(self.variables)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        return tf.cast(self.variables[i], tf.float32) - self.deltas[i]
+
+
 _ON_READ = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 # ON_READ: each replica updates its own copy with no cross-replica sync (the tap values are
@@ -304,6 +440,9 @@ class GradlabModel(keras.Model):
         self._gradlab_taps: dict[str, _TapState] = {}
         self._gradlab_window_holder = _Window()
         self.skip_nonfinite_steps = False
+        self._gradlab_snapshot = None
+        self._gradlab_update_mode = None  # see _prepare_updates
+        self._gradlab_update_capture_refused = ""
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -350,8 +489,6 @@ class GradlabModel(keras.Model):
         with strategy.scope():
             self._gradlab_taps.pop(key, None)  # a replaced tap starts a new window
             self._gradlab_taps[key] = _TapState(tap, window, due)
-            if tap.needs_updates and getattr(self, "_gradlab_snapshot", None) is None:
-                self._gradlab_snapshot = _Snapshot(variables)
         self._layout_window()
         self.train_function = None  # retrace with the new tap
 
@@ -680,7 +817,23 @@ class GradlabModel(keras.Model):
                                     ["gradlab: internal error: a tap was due at step", step,
                                      "in a step compiled without due-step work"])
         update_taps = [s.tap for s in self._gradlab_taps.values() if s.tap.needs_updates]
-        if inputs is not None and update_taps:
+        capture = before_sq = None
+        if (inputs is not None and update_taps and not plain and self._gradlab_update_mode == "capture"
+                and replicas == 1 and not tf.distribute.has_strategy()):
+            # The updates are recorded as the optimizer writes them (_UpdateCapture); only the
+            # norms of the weights before them are taken here, on due steps, and the update
+            # waits for them (so no weight is copied on write).
+            def norms():
+                return 2.0 * tf.stack([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables])
+
+            preds = [due_at(tap.every) for tap in update_taps]
+            if any(p is True for p in preds):
+                before_sq = norms()
+            else:
+                any_due = preds[0] if len(preds) == 1 else tf.reduce_any(tf.stack(preds))
+                before_sq = tf.cond(any_due, norms, lambda: tf.zeros([len(variables)]))
+            capture = _UpdateCapture(optimizer, variables)
+        elif inputs is not None and update_taps and self._gradlab_snapshot is not None:
             before = self._gradlab_snapshot.values
 
             def snapshot():
@@ -693,31 +846,21 @@ class GradlabModel(keras.Model):
                 # the function call of a functional If (lazy_cond) on every step.
                 _when([due_at(tap.every) for tap in update_taps], snapshot, tf.cond)
 
-        if finite is None:
-            optimizer.apply(grads, variables)
-        elif replicas > 1 or tf.distribute.has_strategy():
-            # tf.cond around optimizer.apply would hold a cross-replica merge_call, which tf.distribute
-            # does not support (also with one replica); apply a zero gradient instead (SGD: no
-            # change; momentum/Adam: one step of moment decay). Every replica takes the same branch
-            # (global gradient).
-            optimizer.apply([tf.where(finite, g, tf.zeros_like(g)) for g in grads], variables)
-        else:
-            def apply():
-                optimizer.apply(grads, variables)
-                return tf.constant(True)
-
-            def skip():
-                optimizer.iterations.assign_add(1)
-                return tf.constant(False)
-
-            # Plain tf.cond: the apply branch is the one taken, and its predicate depends on the
-            # gradients (a functional If would wait on it, and on a GPU copy it to the host).
-            tf.cond(finite, apply, skip)
+        deltas = None
+        with contextlib.ExitStack() as stack:
+            if capture is not None:
+                stack.enter_context(tf.control_dependencies([before_sq]))
+                stack.enter_context(capture)
+            deltas = self._apply(grads, variables, finite, replicas, capture)
         self._count_skipped_mixed_precision_step(step)
 
         signals = due = None
         if inputs is not None:
-            if before is not None:
+            if deltas is not None:
+                inputs.updates = deltas
+                inputs.weights_before = _WeightsBefore(variables, deltas)
+                inputs.weight_squared_norms_before = before_sq
+            elif before is not None:
                 inputs.updates = _Updates(variables, before)
                 inputs.weights_before = list(before)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -733,6 +876,35 @@ class GradlabModel(keras.Model):
                 logs = dict(logs, **{_NEXT_STEP: tf.identity(optimizer.iterations)})
         return logs
 
+    def _apply(self, grads, variables, finite, replicas, capture):
+        """``optimizer.apply``, skipped when ``finite`` is false; returns the recorded updates
+        (with ``capture``; zeros on a skipped step) or None."""
+        optimizer = self.optimizer
+        if finite is None:
+            optimizer.apply(grads, variables)
+            return None if capture is None else capture.deltas(variables)
+        if replicas > 1 or tf.distribute.has_strategy():
+            # tf.cond around optimizer.apply would hold a cross-replica merge_call, which tf.distribute
+            # does not support (also with one replica); apply a zero gradient instead (SGD: no
+            # change; momentum/Adam: one step of moment decay). Every replica takes the same branch
+            # (global gradient).
+            optimizer.apply([tf.where(finite, g, tf.zeros_like(g)) for g in grads], variables)
+            return None if capture is None else capture.deltas(variables)
+
+        def apply():
+            optimizer.apply(grads, variables)
+            return tf.constant(True), (capture.deltas(variables) if capture is not None else [])
+
+        def skip():
+            optimizer.iterations.assign_add(1)
+            return tf.constant(False), ([tf.zeros(v.shape, tf.float32) for v in variables]
+                                        if capture is not None else [])
+
+        # Plain tf.cond: the apply branch is the one taken, and its predicate depends on the
+        # gradients (a functional If would wait on it, and on a GPU copy it to the host).
+        _, deltas = tf.cond(finite, apply, skip)
+        return None if capture is None else list(deltas)
+
     def make_train_function(self, force=False):
         """Keras's train function, wrapped: it takes the taps' signals and due outputs out of the
         step's results and, with one replica, runs each execution in one of two compiled variants.
@@ -745,6 +917,8 @@ class GradlabModel(keras.Model):
         each ``fit`` runs the full step: the count may have changed in between, e.g. by a
         restore); the plain variant asserts that the choice was right.
         """
+        if force or self.train_function is None:
+            self._prepare_updates()
         super().make_train_function(force)
         fn = self.train_function
         runtime = self._gradlab_window_holder
@@ -785,6 +959,31 @@ class GradlabModel(keras.Model):
         train_function._gradlab_inner = fn
         self.train_function = train_function
         return train_function
+
+    def _prepare_updates(self) -> None:
+        """Choose how the step gives taps the applied update (``self._gradlab_update_mode``):
+        ``"capture"`` (recorded as the optimizer writes it: :class:`_UpdateCapture`) when the
+        model trains on one device and :func:`update_capture_supported` holds for its optimizer,
+        else ``"snapshot"`` (float32 copies of the weights, kept in variables made here); None
+        when no tap asks for updates. Runs eagerly, before the train function is traced."""
+        self._gradlab_update_mode = None
+        if not any(s.tap.needs_updates for s in self._gradlab_taps.values()) or getattr(self, "optimizer", None) is None:
+            return
+        variables = list(self.trainable_variables)
+        optimizer = self.optimizer
+        if self._distribute_strategy is None and not tf.distribute.has_strategy():
+            if not optimizer.built:
+                optimizer.build(variables)
+            ok, self._gradlab_update_capture_refused = update_capture_supported(optimizer, variables)
+            if ok:
+                self._gradlab_update_mode = "capture"
+                self._gradlab_snapshot = None  # a copy of every weight less
+                return
+        self._gradlab_update_mode = "snapshot"
+        snapshot = getattr(self, "_gradlab_snapshot", None)
+        if snapshot is None or [b.shape for b in snapshot.values] != [v.shape for v in variables]:
+            with self.distribute_strategy.scope():
+                self._gradlab_snapshot = _Snapshot(variables)
 
     def tap_signal(self, key: str) -> float | None:
         """The window max of tap ``key``'s ``signal`` after the last execution, or None if unknown.

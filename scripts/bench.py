@@ -17,6 +17,8 @@ Blocks:
 2. batch 32: Keras's default settings vs gradlab with ``steps_per_execution`` 1 and 16.
 3. overhead: gradlab without diagnostics vs the default diagnostics set, and vs gradient_stats
    every step (targets <= 1.03x and <= 1.10x slowdown).
+   breakdown (not in the default run): each diagnostic of the default set alone, to see where
+   the defaults' cost goes.
 4. second_order: curvature every 100 steps with 20 power iterations (target <= 1.3x),
    gradient_noise every step (<= 2x) and every 10 steps (<= 1.15x): curvature on the probe batch
    of 256, gradient_noise from the training step (its default in gradlab runs) and, for
@@ -126,6 +128,16 @@ def default_diagnostics(model, x, y):
     return [plugins.instantiate_diagnostic(plugins.resolve_diagnostic(s.type), s, log_dir=path) for s in specs]
 
 
+def only(spec: dict):
+    """One diagnostic of the default set, built as a run builds it (for the ``breakdown`` block)."""
+    def build(model, x, y):
+        from gradlab.config import DiagnosticSpec
+
+        s = DiagnosticSpec(type=spec["type"], options={k: v for k, v in spec.items() if k != "type"})
+        return [plugins.instantiate_diagnostic(plugins.resolve_diagnostic(s.type), s, log_dir=log_dir(s.type))]
+    return build
+
+
 def gradient_stats_every_step(model, x, y):
     return [GradientStats(log_dir=log_dir("gradient_stats"), every=1, histogram_every=0)]
 
@@ -151,6 +163,12 @@ BLOCKS = {
     "overhead": lambda: [Variant("gradlab, no diagnostics"),
                          Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
                          Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step)],
+    "breakdown": lambda: [Variant("gradlab, no diagnostics"),
+                          *(Variant(f"only {d['type']}" + (f" every {d['every']}" if "every" in d else ""),
+                                    callbacks=only(d)) for d in plugins.DEFAULT_DIAGNOSTICS),
+                          Variant("only gradient_stats every 10, no histograms",
+                                  callbacks=only({"type": "gradient_stats", "every": 10, "histogram_every": 0})),
+                          Variant("gradlab, default diagnostics", callbacks=default_diagnostics)],
     "second_order": lambda: [Variant("gradlab, no diagnostics"),
                              Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every_100),
                              Variant("curvature every 100 steps, exactly 20 iter.", callbacks=curvature_exactly_20),
