@@ -142,3 +142,16 @@ def test_optimizers_the_recording_cannot_see_fall_back_to_the_snapshot(tmp_path,
     assert [s for s, _ in ratios] == expected and all(np.isfinite(v) for _, v in ratios)
     if "accumulation" not in name:
         assert ratios[-1][1] > 0
+
+
+def test_a_new_optimizer_is_checked_again(tmp_path):
+    # The trial trace runs once per optimizer; compiling the model again with another optimizer
+    # must not reuse the first one's answer.
+    model = _model()
+    x, y = _data(16)
+    stats = GradientStats(log_dir=str(tmp_path), every=1, histogram_every=0)
+    for make, mode in ((lambda: keras.optimizers.SGD(0.05), "capture"), (lambda: keras.optimizers.AdamW(0.01), "snapshot"),
+                       (lambda: keras.optimizers.Adam(0.01), "capture")):
+        model.compile(optimizer=make(), loss=make_loss("cross_entropy", "mean"))
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[stats])
+        assert model._gradlab_update_mode == mode
