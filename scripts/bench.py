@@ -18,7 +18,8 @@ Blocks:
 3. overhead: gradlab without diagnostics vs the default diagnostics set, and vs gradient_stats
    every step (targets <= 1.03x and <= 1.10x slowdown).
    breakdown (not in the default run): each diagnostic of the default set alone, to see where
-   the defaults' cost goes.
+   the defaults' cost goes. Both end with a control row: the no-diagnostics variant again,
+   whose ratios show how far this run's noise alone moves a ratio from 1.
 4. second_order: curvature every 100 steps with 20 power iterations (target <= 1.3x),
    gradient_noise every step (<= 2x) and every 10 steps (<= 1.15x): curvature on the probe batch
    of 256, gradient_noise from the training step (its default in gradlab runs) and, for
@@ -154,6 +155,10 @@ def noise_every(n, source="auto"):
     return lambda model, x, y: [GradientNoise(log_dir=log_dir("noise"), every=n, source=source)]
 
 
+# The first variant again, timed like the others: its ratios against the first are this run's
+# noise floor (a difference smaller than their distance from 1.000 is not resolved).
+CONTROL = "control: no diagnostics again"
+
 BLOCKS = {
     "step": lambda: [Variant("keras built-in step, batch 256", kind="keras"),
                      Variant("gradlab GradientTape step, batch 256")],
@@ -162,13 +167,15 @@ BLOCKS = {
                         Variant("gradlab, batch 32, steps_per_execution=16", batch=32, spe=16)],
     "overhead": lambda: [Variant("gradlab, no diagnostics"),
                          Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
-                         Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step)],
+                         Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step),
+                         Variant(CONTROL)],
     "breakdown": lambda: [Variant("gradlab, no diagnostics"),
                           *(Variant(f"only {d['type']}" + (f" every {d['every']}" if "every" in d else ""),
                                     callbacks=only(d)) for d in plugins.DEFAULT_DIAGNOSTICS),
                           Variant("only gradient_stats every 10, no histograms",
                                   callbacks=only({"type": "gradient_stats", "every": 10, "histogram_every": 0})),
-                          Variant("gradlab, default diagnostics", callbacks=default_diagnostics)],
+                          Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
+                          Variant(CONTROL)],
     "second_order": lambda: [Variant("gradlab, no diagnostics"),
                              Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every_100),
                              Variant("curvature every 100 steps, exactly 20 iter.", callbacks=curvature_exactly_20),
