@@ -186,7 +186,8 @@ class GradientStats(Diagnostic):
                     out[f"{layer}/{var}/{stat}"] = value
                 if updates is not None:
                     if before_sq is None:  # updates from a weight snapshot: its norm here
-                        ratio = weight_update_ratio(inp.weights_before[i], v)
+                        after = updates.after(i) if hasattr(updates, "after") else v
+                        ratio = weight_update_ratio(inp.weights_before[i], after)
                     else:
                         ratio = norms_update_ratio(2.0 * tf.nn.l2_loss(updates[i]), before_sq[i], v)
                     out[f"{layer}/{var}/update_ratio"] = ratio

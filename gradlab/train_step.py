@@ -206,16 +206,20 @@ class _Updates(collections.abc.Sequence):
     branch, so the other steps pay nothing for the update ratio.
     """
 
-    def __init__(self, variables, before):
-        self.variables, self.before = list(variables), list(before)
+    def __init__(self, variables, before, after=None):
+        self.variables, self.before, self._after = list(variables), list(before), after
 
     def __len__(self) -> int:
         return len(self.variables)
 
+    def after(self, i):
+        """The float32 weights after the update (as the update's branch left them, if given)."""
+        return self._after[i] if self._after is not None else tf.cast(self.variables[i], tf.float32)
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(len(self))[i]]
-        return tf.cast(self.variables[i], tf.float32) - self.before[i]
+        return self.after(i) - self.before[i]
 
 
 class _UpdateCapture:
@@ -233,23 +237,26 @@ class _UpdateCapture:
     optimizer's ``apply``, that those two methods are the *only* writes to every trainable
     variable: no ``assign`` (constraints, EMA overwrite), no direct ``tf.Variable`` write
     (Keras's weight decay), no write inside a nested function (gradient accumulation, the loss
-    scaler's conditional apply), no sparse update. Otherwise the step falls back to the weight
-    snapshot.
+    scaler's conditional apply), and every weight is float32 or float64 (into a bfloat16 or
+    float16 weight an update is rounded, and much of a small one lost: the recorded tensor would
+    not be the change). Otherwise the step falls back to the weight snapshot. A sparse update (an
+    Embedding's rows, written by a scatter) is recorded as the dense sum of its rows.
     """
 
     def __init__(self, optimizer, variables):
         self.optimizer = optimizer
         self.keys = {optimizer._var_key(v): i for i, v in enumerate(variables)}
         self.added: list[list] = [[] for _ in variables]
-        self.invalid: list[str] = []
 
     def _record(self, variable, value, sign):
         i = self.keys.get(self.optimizer._var_key(variable))
         if i is None:
             return  # an optimizer variable (moments), not a trainable weight
-        if isinstance(value, tf.IndexedSlices):
-            self.invalid.append("a sparse update")
-            return
+        if isinstance(value, tf.IndexedSlices):  # an Embedding's rows, written by a scatter
+            rows = int(variable.shape[0])
+            # Summed per row, as the scatter adds repeated rows (built here, where the write is:
+            # on a due step, or in the apply branch; a pass over the table).
+            value = tf.math.unsorted_segment_sum(tf.cast(value.values, tf.float32), value.indices, rows)
         self.added[i].append((sign, tf.cast(value, tf.float32)))
 
     def __enter__(self):
@@ -294,6 +301,10 @@ def update_capture_supported(optimizer, variables) -> tuple[bool, str]:
     a read or one of the recorded writes, all in the same graph. Returns ``(ok, reason)``.
     """
     variables = list(variables)
+    for v in variables:  # the recorded tensor is the update before it is rounded into the weight
+        if v.dtype not in ("float32", "float64", tf.float32, tf.float64):
+            return False, (f"variable {v.name} is {getattr(v.dtype, 'name', v.dtype)}: an update rounds into it, "
+                           "so only the weights' change says what was applied")
     report: dict = {}
 
     def trial():
@@ -309,8 +320,6 @@ def update_capture_supported(optimizer, variables) -> tuple[bool, str]:
     except Exception as err:  # noqa: BLE001 - any failure means: use the snapshot
         return False, f"the trial trace failed ({type(err).__name__})"
     capture, graph = report["capture"], report["graph"]
-    if capture.invalid:
-        return False, capture.invalid[0]
     internal = {id(ext): inner for ext, inner in graph.captures}
     for i, v in enumerate(variables):
         handle = internal.get(id(getattr(v, "value", v).handle))
@@ -853,7 +862,7 @@ class GradlabModel(keras.Model):
             if capture is not None:
                 stack.enter_context(tf.control_dependencies([before_sq]))
                 stack.enter_context(capture)
-            deltas = self._apply(grads, variables, finite, replicas, capture)
+            deltas = self._apply(grads, variables, finite, replicas, capture, keep_after=before is not None)
         self._count_skipped_mixed_precision_step(step)
 
         signals = due = None
@@ -863,7 +872,7 @@ class GradlabModel(keras.Model):
                 inputs.weights_before = _WeightsBefore(variables, deltas)
                 inputs.weight_squared_norms_before = before_sq
             elif before is not None:
-                inputs.updates = _Updates(variables, before)
+                inputs.updates = _Updates(variables, before, self._gradlab_after)
                 inputs.weights_before = list(before)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 inputs.overflow = tf.logical_not(tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
@@ -878,10 +887,12 @@ class GradlabModel(keras.Model):
                 logs = dict(logs, **{_NEXT_STEP: tf.identity(optimizer.iterations)})
         return logs
 
-    def _apply(self, grads, variables, finite, replicas, capture):
+    def _apply(self, grads, variables, finite, replicas, capture, keep_after=False):
         """``optimizer.apply``, skipped when ``finite`` is false; returns the recorded updates
-        (with ``capture``; zeros on a skipped step) or None."""
+        (with ``capture``; zeros on a skipped step) or None. ``keep_after``: leave the weights
+        after the update in ``self._gradlab_after`` where they come out of a branch (else None)."""
         optimizer = self.optimizer
+        self._gradlab_after = None
         if finite is None:
             optimizer.apply(grads, variables)
             return None if capture is None else capture.deltas(variables)
@@ -893,18 +904,26 @@ class GradlabModel(keras.Model):
             optimizer.apply([tf.where(finite, g, tf.zeros_like(g)) for g in grads], variables)
             return None if capture is None else capture.deltas(variables)
 
+        def weights():
+            return [tf.cast(v, tf.float32) for v in variables] if keep_after else []
+
         def apply():
             optimizer.apply(grads, variables)
-            return tf.constant(True), (capture.deltas(variables) if capture is not None else [])
+            return tf.constant(True), (capture.deltas(variables) if capture is not None else []), weights()
 
         def skip():
             optimizer.iterations.assign_add(1)
             return tf.constant(False), ([tf.zeros(v.shape, tf.float32) for v in variables]
-                                        if capture is not None else [])
+                                        if capture is not None else []), weights()
 
         # Plain tf.cond: the apply branch is the one taken, and its predicate depends on the
         # gradients (a functional If would wait on it, and on a GPU copy it to the host).
-        _, deltas = tf.cond(finite, apply, skip)
+        _, deltas, after = tf.cond(finite, apply, skip)
+        if keep_after:
+            # The weights after the update, read inside the branch that made it: under XLA a read
+            # after this cond was seen to return the weights before it (update_ratio 0 with a
+            # weight snapshot taken on every step).
+            self._gradlab_after = list(after)
         return None if capture is None else list(deltas)
 
     def make_train_function(self, force=False):
