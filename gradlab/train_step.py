@@ -862,7 +862,7 @@ class GradlabModel(keras.Model):
             if capture is not None:
                 stack.enter_context(tf.control_dependencies([before_sq]))
                 stack.enter_context(capture)
-            deltas = self._apply(grads, variables, finite, replicas, capture, keep_after=before is not None)
+            deltas, after = self._apply(grads, variables, finite, replicas, capture, keep_after=before is not None)
         self._count_skipped_mixed_precision_step(step)
 
         signals = due = None
@@ -872,7 +872,7 @@ class GradlabModel(keras.Model):
                 inputs.weights_before = _WeightsBefore(variables, deltas)
                 inputs.weight_squared_norms_before = before_sq
             elif before is not None:
-                inputs.updates = _Updates(variables, before, self._gradlab_after)
+                inputs.updates = _Updates(variables, before, after)
                 inputs.weights_before = list(before)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 inputs.overflow = tf.logical_not(tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
@@ -888,21 +888,21 @@ class GradlabModel(keras.Model):
         return logs
 
     def _apply(self, grads, variables, finite, replicas, capture, keep_after=False):
-        """``optimizer.apply``, skipped when ``finite`` is false; returns the recorded updates
-        (with ``capture``; zeros on a skipped step) or None. ``keep_after``: leave the weights
-        after the update in ``self._gradlab_after`` where they come out of a branch (else None)."""
+        """``optimizer.apply``, skipped when ``finite`` is false. Returns ``(deltas, after)``: the
+        recorded updates (with ``capture``; zeros on a skipped step) or None, and with
+        ``keep_after`` the float32 weights after the update where they come out of a branch (else
+        None: read the variables)."""
         optimizer = self.optimizer
-        self._gradlab_after = None
         if finite is None:
             optimizer.apply(grads, variables)
-            return None if capture is None else capture.deltas(variables)
+            return (None if capture is None else capture.deltas(variables)), None
         if replicas > 1 or tf.distribute.has_strategy():
             # tf.cond around optimizer.apply would hold a cross-replica merge_call, which tf.distribute
             # does not support (also with one replica); apply a zero gradient instead (SGD: no
             # change; momentum/Adam: one step of moment decay). Every replica takes the same branch
             # (global gradient).
             optimizer.apply([tf.where(finite, g, tf.zeros_like(g)) for g in grads], variables)
-            return None if capture is None else capture.deltas(variables)
+            return (None if capture is None else capture.deltas(variables)), None
 
         def weights():
             return [tf.cast(v, tf.float32) for v in variables] if keep_after else []
@@ -919,12 +919,10 @@ class GradlabModel(keras.Model):
         # Plain tf.cond: the apply branch is the one taken, and its predicate depends on the
         # gradients (a functional If would wait on it, and on a GPU copy it to the host).
         _, deltas, after = tf.cond(finite, apply, skip)
-        if keep_after:
-            # The weights after the update, read inside the branch that made it: under XLA a read
-            # after this cond was seen to return the weights before it (update_ratio 0 with a
-            # weight snapshot taken on every step).
-            self._gradlab_after = list(after)
-        return None if capture is None else list(deltas)
+        # `after`: the weights read inside the branch that updated them. Under XLA a read after
+        # this cond was seen to return the weights before it (update_ratio 0 with a weight
+        # snapshot taken on every step).
+        return (None if capture is None else list(deltas)), (list(after) if keep_after else None)
 
     def make_train_function(self, force=False):
         """Keras's train function, wrapped: it takes the taps' signals and due outputs out of the
