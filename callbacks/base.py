@@ -388,7 +388,7 @@ class Diagnostic(keras.callbacks.Callback):
         self._tap_key = None
         if isinstance(model, GradlabModel) and self.uses_tap:
             key = f"{type(self).__name__}@{id(self)}"
-            if key in model.tap_keys:  # attached by an earlier fit: no retrace
+            if key in model.tap_keys and model.tap_is_current(key):  # attached by an earlier fit: no retrace
                 self._tap_key = key
                 model.read_tap(key)  # start a fresh window
             else:

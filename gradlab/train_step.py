@@ -402,6 +402,7 @@ class _TapState:
         self.has_due = bool(tap.on_due) and bool(due_specs)
         self.captured = tf.Variable(_empty_window(self.width), **_ON_READ) if self.has_due else None
         self.consumed = -1  # the last due step handed to Python (read_due / read_tap)
+        self.variable_ids: tuple = ()  # the trainable variables it was made for (register_tap)
         self._read_fns: dict = {}
 
     @property
@@ -500,6 +501,7 @@ class GradlabModel(keras.Model):
         with strategy.scope():
             self._gradlab_taps.pop(key, None)  # a replaced tap starts a new window
             self._gradlab_taps[key] = _TapState(tap, window, due)
+            self._gradlab_taps[key].variable_ids = tuple(id(v) for v in variables)
         self._layout_window()
         self.train_function = None  # retrace with the new tap
 
@@ -585,6 +587,12 @@ class GradlabModel(keras.Model):
     @property
     def tap_keys(self) -> list[str]:
         return list(self._gradlab_taps)
+
+    def tap_is_current(self, key: str) -> bool:
+        """Whether tap ``key`` was made for the model's current trainable variables (a layer frozen
+        or unfrozen since changes them, and a tap's shapes and names with them)."""
+        state = self._gradlab_taps.get(key)
+        return state is not None and state.variable_ids == tuple(id(v) for v in self.trainable_variables)
 
     def read_tap(self, key: str, reset: bool = True) -> dict:
         """Read a tap's live window (numpy) and, by default, start a new one.

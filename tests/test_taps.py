@@ -375,3 +375,25 @@ def test_window_sums_do_not_overflow_and_keep_float64_values_exact():
     assert window["huge"]["mean"] == pytest.approx(big, rel=1e-7)
     assert window["late_step"] == {"last": 2 ** 24 + 4.0, "mean": 2 ** 24 + 2.5,
                                    "max": 2 ** 24 + 4.0, "min": 2 ** 24 + 1.0}
+
+
+def test_a_tap_is_made_again_when_a_layer_is_frozen_between_fits(tmp_path):
+    # The tap of an earlier fit stayed attached, built for four gradients; after freezing a
+    # layer the step has two and the second fit crashed in the tap ("Dimensions must be equal").
+    from gradlab.callbacks import GradientStats, NonFiniteGuard
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
+    model = GradlabModel(inputs, keras.layers.Dense(3, name="out")(h))
+    x = np.random.default_rng(3).normal(size=(16, 6)).astype(np.float32)
+    y = np.arange(16) % 3
+    callbacks = [GradientStats(log_dir=str(tmp_path), every=1, histogram_every=0), NonFiniteGuard()]
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=make_loss("cross_entropy", "mean"))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)  # steps 0, 1
+    model.get_layer("hidden").trainable = False
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=make_loss("cross_entropy", "mean"))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)  # steps 0, 1 again
+    scalars = events.read_scalars(tmp_path)
+    assert [s for s, _ in scalars["gradients/hidden/kernel/norm"]] == [0, 1]  # only the first fit's
+    assert len(scalars["gradients/out/kernel/norm"]) == 4  # both fits (a new optimizer counts from 0)
