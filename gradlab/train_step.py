@@ -47,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import weakref
 from typing import Callable, Mapping
 
 import keras
@@ -427,7 +428,7 @@ class _Window:
         self.plain = False
         self.plain_executions = 0  # executions that ran the plain variant (for tests and benchmarks)
         # ((optimizer, trainable variable ids), update_capture_supported's answer) for the last check
-        self.capture_checked: tuple = ((None, ()), (False, ""))
+        self.capture_checked: tuple = ((lambda: None, ()), (False, ""))
 
 
 def _empty_window(columns: int) -> np.ndarray:
@@ -1001,11 +1002,11 @@ class GradlabModel(keras.Model):
         if self._distribute_strategy is None and not tf.distribute.has_strategy():
             if not optimizer.built:
                 optimizer.build(variables)
-            # One trial trace per optimizer (held, not its id: a new optimizer may reuse an id).
+            # One trial trace per optimizer (a weak reference, not its id: a new optimizer may reuse an id).
             runtime = self._gradlab_window_holder  # a plain object: Keras and checkpoints don't track it
             checked_for, variables_ids = runtime.capture_checked[0]
-            if checked_for is not optimizer or variables_ids != tuple(id(v) for v in variables):
-                key = (optimizer, tuple(id(v) for v in variables))
+            if checked_for() is not optimizer or variables_ids != tuple(id(v) for v in variables):
+                key = (weakref.ref(optimizer), tuple(id(v) for v in variables))  # (not kept alive by it)
                 runtime.capture_checked = (key, update_capture_supported(optimizer, variables))
             ok, self._gradlab_update_capture_refused = runtime.capture_checked[1]
             if ok:
