@@ -185,12 +185,9 @@ class GradientStats(Diagnostic):
                 for stat, value in variable_stats(g, inp.squared_norms[i]).items():
                     out[f"{layer}/{var}/{stat}"] = value
                 if updates is not None:
-                    if before_sq is None:  # updates from a weight snapshot: its norm here
-                        after = updates.after(i) if hasattr(updates, "after") else v
-                        ratio = weight_update_ratio(inp.weights_before[i], after)
-                    else:
-                        ratio = norms_update_ratio(2.0 * tf.nn.l2_loss(updates[i]), before_sq[i], v)
-                    out[f"{layer}/{var}/update_ratio"] = ratio
+                    # ||w_before||: taken before the update when it was recorded, else from the copy
+                    b_sq = before_sq[i] if before_sq is not None else 2.0 * tf.nn.l2_loss(inp.weights_before[i])
+                    out[f"{layer}/{var}/update_ratio"] = norms_update_ratio(2.0 * tf.nn.l2_loss(updates[i]), b_sq, v)
             if hist:
                 # Buckets (not gradient copies), and only at histogram steps.
                 shape = [len(names), summaries.HISTOGRAM_BUCKETS, 3]

@@ -199,28 +199,20 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
 
 
-class _Updates(collections.abc.Sequence):
-    """``w_after - w_before`` per variable, built where it is read.
+class _Lazy(collections.abc.Sequence):
+    """Per variable, a tensor built by ``build(i)`` where a tap reads it: inside its due-step
+    branch, so the other steps pay nothing (the updates, the weights before them)."""
 
-    The pre-update weights are copied into snapshot variables only on steps where some tap is
-    due; the differences are built when a tap's ``on_due`` reads them, inside its due-step
-    branch, so the other steps pay nothing for the update ratio.
-    """
-
-    def __init__(self, variables, before, after=None):
-        self.variables, self.before, self._after = list(variables), list(before), after
+    def __init__(self, n: int, build: Callable):
+        self.n, self.build = n, build
 
     def __len__(self) -> int:
-        return len(self.variables)
-
-    def after(self, i):
-        """The float32 weights after the update (as the update's branch left them, if given)."""
-        return self._after[i] if self._after is not None else tf.cast(self.variables[i], tf.float32)
+        return self.n
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
-        return self.after(i) - self.before[i]
+            return [self[j] for j in range(self.n)[i]]
+        return self.build(range(self.n)[i])
 
 
 class _UpdateCapture:
@@ -278,16 +270,26 @@ class _UpdateCapture:
     def __exit__(self, *exc):
         del self.optimizer.assign_add, self.optimizer.assign_sub
 
-    def deltas(self, variables) -> list:
-        """Per variable, the float32 update applied (zeros for a variable the optimizer left alone)."""
-        out = []
-        for v, parts in zip(variables, self.added):
+    def values(self) -> list:
+        """The recorded tensors, flat (what a branch that applied the update returns)."""
+        return [value for parts in self.added for _, value in parts]
+
+    def deltas(self, variables, values=None) -> "_Lazy":
+        """Per variable, the float32 update applied: ``sum(added) - sum(subtracted)`` (zeros for
+        a variable the optimizer left alone), built where it is read, so a step that is not due
+        pays no pass for it. ``values``: :meth:`values` as they came out of a branch."""
+        values = iter(self.values() if values is None else values)
+        signed = [[(sign, next(values)) for sign, _ in parts] for parts in self.added]
+        variables = list(variables)
+
+        def build(i):
             delta = None
-            for sign, value in parts:
+            for sign, value in signed[i]:
                 term = value if sign > 0 else -value
                 delta = term if delta is None else delta + term
-            out.append(tf.zeros(v.shape, tf.float32) if delta is None else tf.reshape(delta, v.shape))
-        return out
+            return tf.zeros(variables[i].shape, tf.float32) if delta is None else tf.reshape(delta, variables[i].shape)
+
+        return _Lazy(len(variables), build)
 
 
 _WRITES = {"AssignAddVariableOp", "AssignSubVariableOp"}
@@ -337,21 +339,6 @@ def update_capture_supported(optimizer, variables) -> tuple[bool, str]:
         if writes != len(recorded) or any(value.graph is not graph for _, value in recorded):
             return False, f"variable {v.name} has writes the capture does not see"
     return True, ""
-
-
-class _WeightsBefore(collections.abc.Sequence):
-    """``w_after - update`` per variable, built where it is read (recorded updates: no copy kept)."""
-
-    def __init__(self, variables, deltas):
-        self.variables, self.deltas = list(variables), list(deltas)
-
-    def __len__(self) -> int:
-        return len(self.variables)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
-        return tf.cast(self.variables[i], tf.float32) - self.deltas[i]
 
 
 _ON_READ = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
@@ -878,10 +865,12 @@ class GradlabModel(keras.Model):
         if inputs is not None:
             if deltas is not None:
                 inputs.updates = deltas
-                inputs.weights_before = _WeightsBefore(variables, deltas)
+                inputs.weights_before = _Lazy(len(variables), lambda i: tf.cast(variables[i], tf.float32) - deltas[i])
                 inputs.weight_squared_norms_before = before_sq
             elif before is not None:
-                inputs.updates = _Updates(variables, before, after)
+                weights_after = ((lambda i: tf.cast(variables[i], tf.float32)) if after is None
+                                 else after.__getitem__)
+                inputs.updates = _Lazy(len(variables), lambda i: weights_after(i) - before[i])
                 inputs.weights_before = list(before)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 inputs.overflow = tf.logical_not(tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
@@ -918,20 +907,20 @@ class GradlabModel(keras.Model):
 
         def apply():
             optimizer.apply(grads, variables)
-            return tf.constant(True), (capture.deltas(variables) if capture is not None else []), weights()
+            return tf.constant(True), (capture.values() if capture is not None else []), weights()
 
-        def skip():
+        def skip():  # (traced after apply: the recorded tensors' shapes are known)
             optimizer.iterations.assign_add(1)
-            return tf.constant(False), ([tf.zeros(v.shape, tf.float32) for v in variables]
+            return tf.constant(False), ([tf.zeros_like(v) for v in capture.values()]
                                         if capture is not None else []), weights()
 
         # Plain tf.cond: the apply branch is the one taken, and its predicate depends on the
         # gradients (a functional If would wait on it, and on a GPU copy it to the host).
-        _, deltas, after = tf.cond(finite, apply, skip)
+        _, values, after = tf.cond(finite, apply, skip)
         # `after`: the weights read inside the branch that updated them. Under XLA a read after
         # this cond was seen to return the weights before it (update_ratio 0 with a weight
         # snapshot taken on every step).
-        return (None if capture is None else list(deltas)), (list(after) if keep_after else None)
+        return (None if capture is None else capture.deltas(variables, values)), (list(after) if keep_after else None)
 
     def make_train_function(self, force=False):
         """Keras's train function, wrapped: it takes the taps' signals and due outputs out of the
