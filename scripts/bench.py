@@ -74,6 +74,31 @@ def make_model(kind: str, seed: int = 0):
     return model, loss
 
 
+# Step costs are grouped by ``step % PERIOD``: every schedule in the blocks divides it, so steps of
+# one group do the same work (see ``Variant.per_step``).
+PERIOD = 100
+
+
+class StepClock(keras.callbacks.Callback):
+    """Stamps the start of every batch (``on_train_batch_begin``, which Keras calls on the main
+    thread before the step). ``async_safe``, and it has no ``on_train_batch_end``: adding it does
+    not change how Keras dispatches the other callbacks (a callback with a batch-end hook makes
+    Keras run them all synchronously), so it measures the variants as they run without it."""
+
+    async_safe = True
+
+    def __init__(self):
+        super().__init__()
+        self.stamps, self.first_step = [], 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.first_step = int(self.model.optimizer.iterations.numpy())  # once per epoch, every variant
+        self.stamps = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.stamps.append(time.perf_counter())
+
+
 class Variant:
     """One configuration to time: model kind, batch size, steps_per_execution, callbacks factory."""
 
@@ -82,6 +107,8 @@ class Variant:
         self.callbacks = callbacks or (lambda model, x, y: [])
         self.times: list[float] = []
         self.cpu: list[float] = []  # samples per CPU-second of this process (all threads)
+        self.clock = StepClock()
+        self.step_times: dict[int, list[float]] = {}  # step % PERIOD -> seconds from one batch start to the next
 
     def setup(self, x, y):
         self.model, loss = make_model(self.kind)
@@ -101,10 +128,23 @@ class Variant:
         # in one long fit there are none (measured). Collect before the clock starts.
         gc.collect()
         start, cpu = time.perf_counter(), time.process_time()
-        self.model.fit(self.ds, epochs=1, verbose=0, callbacks=self.cbs)
+        self.model.fit(self.ds, epochs=1, verbose=0, callbacks=self.cbs + [self.clock])
         elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu
         self.times.append(samples / elapsed)
         self.cpu.append(samples / cpu_used)
+        # Batch i's interval (its start to the next batch's start: its steps, the callbacks after
+        # them, the fit loop), per step, belongs to its first step; the last batch has no next start.
+        stamps, first = self.clock.stamps, self.clock.first_step
+        for i in range(len(stamps) - 1):
+            self.step_times.setdefault((first + i * self.spe) % PERIOD, []).append((stamps[i + 1] - stamps[i]) / self.spe)
+
+    def per_step(self) -> float:
+        """Seconds per step: the median interval of each ``step % PERIOD`` group, averaged over the
+        groups. A due step and the steps between writes keep their share of the mean (every
+        group counts once per period, as in a long run), while a stall of the machine, which
+        lands on random steps, drops out of each group's median -- unlike the epoch times."""
+        groups = [statistics.median(t) for t in self.step_times.values()]
+        return sum(groups) / len(groups)
 
     @property
     def best(self) -> float:
@@ -195,10 +235,12 @@ def run_block(name, variants, x, y, rounds):
     base = variants[0]
     print(f"\n[{name}] {len(x)} samples; wall clock: best of {rounds} epochs (median in its own column); "
           f"CPU time: median samples per CPU-second; paired: median over rounds of the slowdown "
-          f"against the first variant's epoch of the same round")
+          f"against the first variant's epoch of the same round; per step: median time per step in "
+          f"each group of steps with the same step % {PERIOD}, averaged over the groups (Variant.per_step)")
     print(f"  {'variant':<46} {'samples/s':>10} {'vs first':>9} {'slowdown':>9} {'median':>9}"
-          f" {'CPU slowdown':>13} {'paired':>8}")
+          f" {'CPU slowdown':>13} {'paired':>8} {'per step':>9}")
     base_cpu = statistics.median(base.cpu)
+    base_step = base.per_step()
     for v in variants:
         ratio = v.best / base.best
         cpu_ratio = base_cpu / statistics.median(v.cpu)
@@ -206,7 +248,7 @@ def run_block(name, variants, x, y, rounds):
         # (one core or two) than the best epochs of two variants are.
         paired = statistics.median(b / t for b, t in zip(base.times, v.times))
         print(f"  {v.label:<46} {v.best:>10,.0f} {ratio:>8.3f}x {1 / ratio:>8.3f}x {v.median:>9,.0f}"
-              f" {cpu_ratio:>12.3f}x {paired:>7.3f}x")
+              f" {cpu_ratio:>12.3f}x {paired:>7.3f}x {v.per_step() / base_step:>8.3f}x")
     return {v.label: v.best for v in variants}
 
 
