@@ -77,7 +77,8 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
     else:
         # Counted as float32 (exact while the count stays below 2^24) or int64, chosen here from the
         # known size: tf.math.zero_fraction decides in a tf.cond, and tf.math.count_nonzero goes
-        # through int64 -- both cost more than the count itself on a CPU.
+        # through int64 -- both cost more than the count itself on a CPU. (Counting as
+        # ``size - sum(sign(g)^2)`` avoids the bool-to-float cast; measured end to end, no faster.)
         count = tf.float32 if size <= 2 ** 24 else tf.int64
         zeros = tf.reduce_sum(tf.cast(tf.equal(g, 0.0), count))
         zero_fraction = tf.cast(zeros, tf.float32) / float(size)
@@ -117,6 +118,13 @@ def norms_update_ratio(delta_sq: tf.Tensor, before_sq: tf.Tensor, after: tf.Tens
     after = tf.cast(after, tf.float32)
     denom = tf.where(b > 0, b, tf.sqrt(2.0 * tf.nn.l2_loss(_only_if(tf.reshape(after, [-1]), b <= 0))))
     return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _squared_norm(values, i: int) -> tf.Tensor:
+    """``sum(values[i]^2)``: through the sequence's own ``squared_norm`` when it has one (the
+    step's recorded updates: no negated copy of an ``assign_sub``), else a pass over ``values[i]``."""
+    method = getattr(values, "squared_norm", None)
+    return method(i) if method is not None else 2.0 * tf.nn.l2_loss(tf.cast(values[i], tf.float32))
 
 
 def logits_of(output: tf.Tensor) -> tf.Tensor:
@@ -187,7 +195,7 @@ class GradientStats(Diagnostic):
                 if updates is not None:
                     # ||w_before||: taken before the update when it was recorded, else from the copy
                     b_sq = before_sq[i] if before_sq is not None else 2.0 * tf.nn.l2_loss(inp.weights_before[i])
-                    out[f"{layer}/{var}/update_ratio"] = norms_update_ratio(2.0 * tf.nn.l2_loss(updates[i]), b_sq, v)
+                    out[f"{layer}/{var}/update_ratio"] = norms_update_ratio(_squared_norm(updates, i), b_sq, v)
             if hist:
                 # Buckets (not gradient copies), and only at histogram steps.
                 shape = [len(names), summaries.HISTOGRAM_BUCKETS, 3]

@@ -68,7 +68,9 @@ class TapInputs:
         logits: the model output of this step.
         logits_grad: d loss / d logits for this batch.
         updates: ``w_after - w_before`` per variable when a tap asked for them, else ``None``:
-            the update the optimizer applied. With one device and an optimizer whose every write
+            the update the optimizer applied. A sequence built where it is read; its
+            ``squared_norm(i)`` is ``sum(updates[i]^2)``, computed without building ``updates[i]``
+            where that is cheaper. With one device and an optimizer whose every write
             to the weights goes through its ``assign_add``/``assign_sub`` (SGD, momentum, Adam,
             RMSprop, ...: :func:`update_capture_supported`) it is the tensor the optimizer wrote,
             recorded as it wrote it (no weight copy); otherwise the difference of the weights
@@ -201,10 +203,19 @@ def _gpu_visible() -> bool:
 
 class _Lazy(collections.abc.Sequence):
     """Per variable, a tensor built by ``build(i)`` where a tap reads it: inside its due-step
-    branch, so the other steps pay nothing (the updates, the weights before them)."""
+    branch, so the other steps pay nothing (the updates, the weights before them).
 
-    def __init__(self, n: int, build: Callable):
-        self.n, self.build = n, build
+    :meth:`squared_norm` gives ``sum(x_i^2)`` without building ``x_i`` where ``squared_norm``
+    (given) knows a cheaper way."""
+
+    def __init__(self, n: int, build: Callable, squared_norm: Callable | None = None):
+        self.n, self.build, self._squared_norm = n, build, squared_norm
+
+    def squared_norm(self, i: int) -> tf.Tensor:
+        """``sum(self[i]^2)`` as a float32 scalar."""
+        if self._squared_norm is not None:
+            return self._squared_norm(i)
+        return 2.0 * tf.nn.l2_loss(tf.cast(self[i], tf.float32))
 
     def __len__(self) -> int:
         return self.n
@@ -289,7 +300,14 @@ class _UpdateCapture:
                 delta = term if delta is None else delta + term
             return tf.zeros(variables[i].shape, tf.float32) if delta is None else tf.reshape(delta, variables[i].shape)
 
-        return _Lazy(len(variables), build)
+        def squared_norm(i):
+            # One write (SGD's assign_sub, Adam's, ...): its sign does not change the norm, so
+            # no negated copy of the update is made.
+            if len(signed[i]) == 1:
+                return 2.0 * tf.nn.l2_loss(signed[i][0][1])
+            return 2.0 * tf.nn.l2_loss(build(i))
+
+        return _Lazy(len(variables), build, squared_norm)
 
 
 _WRITES = {"AssignAddVariableOp", "AssignSubVariableOp"}

@@ -55,6 +55,52 @@ def test_zero_fraction_of_a_gradient_past_float32_integers():
     assert fraction < 1.0
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_zero_fraction_of_edge_values(compiled):
+    """zero_fraction counts what TensorFlow's ``g == 0`` counts, eager and compiled: -0.0 is zero,
+    +-Inf and NaN are not, and a subnormal is what the kernels make of it (TensorFlow flushes
+    subnormals to zero on a CPU, so numpy's count differs by exactly those)."""
+    tiny = np.float32(1e-45)  # the smallest float32 subnormal
+    cases = [
+        np.array([0.0, -0.0, tiny, -tiny, 1.0, 0.0], np.float32),
+        np.array([np.inf, -np.inf, 0.0, 2.0, -0.0], np.float32),
+        np.array([np.nan, 0.0, 1.0, -0.0, np.nan, 3.0, 0.0], np.float32),
+        np.zeros(1000, np.float32),
+        np.where(RNG.random(300_001) < 0.37, 0.0, RNG.normal(size=300_001)).astype(np.float32),
+    ]
+    stats_fn = tf.function(variable_stats) if compiled else variable_stats
+    for g in cases:
+        fraction = float(stats_fn(tf.constant(g))["zero_fraction"])
+        by_comparison = int(tf.reduce_sum(tf.cast(tf.equal(tf.constant(g), 0.0), tf.int64)))
+        assert round(fraction * g.size) == by_comparison, g[:8]
+        subnormal = np.isfinite(g) & (g != 0) & (np.abs(g) < np.finfo(np.float32).tiny)
+        assert by_comparison == np.count_nonzero(g == 0) + np.count_nonzero(subnormal)  # numpy, flushed
+
+
+def test_recorded_update_squared_norm_needs_no_negated_copy():
+    """The step's recorded updates give ``sum(delta^2)`` from the tensor written: equal to the
+    norm of the built (signed) delta for one assign_sub, and for several writes summed."""
+    from gradlab.train_step import _UpdateCapture
+
+    v = keras.Variable(RNG.normal(size=(5, 4)).astype(np.float32))
+    opt = keras.optimizers.SGD(0.1)
+    opt.build([v])
+    capture = _UpdateCapture(opt, [v])
+    a = tf.constant(RNG.normal(size=(5, 4)).astype(np.float32))
+    b = tf.constant(RNG.normal(size=(5, 4)).astype(np.float32))
+    with capture:
+        opt.assign_sub(v, a)
+    deltas = capture.deltas([v])
+    np.testing.assert_allclose(deltas[0].numpy(), -a.numpy())
+    assert float(deltas.squared_norm(0)) == pytest.approx(float(np.sum(a.numpy().astype(np.float64) ** 2)), rel=1e-6)
+    with capture:  # a second write to the same variable: the delta is a - b... summed with signs
+        opt.assign_add(v, b)
+    deltas = capture.deltas([v])
+    expected = (b.numpy().astype(np.float64) - a.numpy())
+    np.testing.assert_allclose(deltas[0].numpy(), expected, rtol=1e-6)
+    assert float(deltas.squared_norm(0)) == pytest.approx(float(np.sum(expected ** 2)), rel=1e-5)
+
+
 def test_variable_stats_of_empty_gradient_are_zero():
     stats = {k: float(v) for k, v in variable_stats(tf.zeros([0, 3])).items()}
     assert stats == {"norm": 0.0, "mean": 0.0, "std": 0.0, "max_abs": 0.0, "zero_fraction": 0.0}
