@@ -13,7 +13,7 @@ Tags (``<layer>/<variable>`` as in Keras, e.g. ``hidden_1/kernel``):
 
 Math, for a gradient ``g`` with ``n`` entries: ``norm = sqrt(sum g^2)``, ``mean = sum g / n``,
 ``std = sqrt(mean (g - mean)^2)`` (population), ``max_abs = max |g|``,
-``zero_fraction = #{g == 0} / n`` (``tf.math.zero_fraction``).
+``zero_fraction = #{g == 0} / n``.
 ``update_ratio = ||w_after - w_before|| / ||w_before||`` from
 the update the optimizer actually applied; when ``||w_before|| == 0`` (a zero-initialised
 variable) the denominator is ``||w_after||``, and 0/0 is reported as 0. An empty variable
@@ -72,8 +72,8 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
     rest = _only_if(g, tf.logical_not(one_pass))
     two_pass = tf.sqrt(2.0 * tf.nn.l2_loss(rest - mean) / n)
     std = tf.where(one_pass, tf.sqrt(tf.maximum(mean_square - mean * mean, 0.0)), two_pass)
-    if size is None:
-        zero_fraction = tf.cast(tf.math.zero_fraction(g), tf.float32)
+    if size is None:  # may be empty: 0/1, not tf.math.zero_fraction's 0/0
+        zero_fraction = tf.cast(tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.int64)), tf.float32) / n
     else:
         # Counted as float32 (exact while the count stays below 2^24) or int64, chosen here from the
         # known size: tf.math.zero_fraction decides in a tf.cond, and tf.math.count_nonzero goes
@@ -89,6 +89,56 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
         "max_abs": max_abs,
         "zero_fraction": zero_fraction,
     }
+
+
+def stacked_variable_stats(grads, squared_norms: tf.Tensor) -> dict[str, tf.Tensor]:
+    """:func:`variable_stats` of several gradients at once: each statistic a float32 vector with
+    one entry per gradient, the same math and edge cases (empty gradients give zeros).
+
+    ``squared_norms``: the ``[len(grads)]`` vector of ``sum(g^2)``. The passes over each gradient
+    are the same as :func:`variable_stats`'s (sum, max, min, zero count, and the second pass for
+    ``std`` only where the one-pass formula is ill-conditioned); the scalar arithmetic after them
+    runs once on the vectors instead of once per gradient -- in a step, where each small op
+    costs several microseconds, that is about a hundred ops fewer for a three-layer MLP.
+    Gradients of unknown size go through :func:`variable_stats` one by one.
+    """
+    flat = [tf.cast(tf.reshape(g, [-1]), tf.float32) for g in grads]
+    sizes = [f.shape.num_elements() for f in flat]
+    if any(size is None for size in sizes):
+        per = [variable_stats(g, squared_norms[i]) for i, g in enumerate(flat)]
+        return {stat: tf.stack([p[stat] for p in per]) for stat in STATS}
+    zero = tf.constant(0.0)
+
+    def each(fn):  # one entry per gradient; 0 for an empty one (no reduction over nothing)
+        return tf.stack([fn(f, size) if size else zero for f, size in zip(flat, sizes)])
+
+    def zeros(f, size):  # float32 counts are exact below 2^24, int64 above
+        return tf.cast(tf.reduce_sum(tf.cast(tf.equal(f, 0.0), tf.float32 if size <= 2 ** 24 else tf.int64)),
+                       tf.float32)
+
+    n = tf.constant([float(max(size, 1)) for size in sizes])
+    squared = tf.cast(squared_norms, tf.float32)
+    mean = each(lambda f, _: tf.reduce_sum(f)) / n
+    max_abs = tf.maximum(each(lambda f, _: tf.reduce_max(f)), -each(lambda f, _: tf.reduce_min(f)))
+    mean_square = squared / n
+    one_pass = tf.logical_and(tf.math.is_finite(mean_square), mean * mean <= 0.5 * mean_square)
+    means, two_pass_needed = tf.unstack(mean, num=len(flat)), tf.unstack(tf.logical_not(one_pass), num=len(flat))
+    second = tf.stack([2.0 * tf.nn.l2_loss(_only_if(f, two_pass_needed[i]) - means[i]) if size else zero
+                       for i, (f, size) in enumerate(zip(flat, sizes))])
+    std = tf.where(one_pass, tf.sqrt(tf.maximum(mean_square - mean * mean, 0.0)), tf.sqrt(second / n))
+    return {"norm": tf.sqrt(squared), "mean": mean, "std": std, "max_abs": max_abs,
+            "zero_fraction": each(zeros) / n}
+
+
+def stacked_update_ratios(delta_squared: tf.Tensor, before_squared: tf.Tensor) -> tf.Tensor:
+    """:func:`norms_update_ratio` for vectors of ``||delta||^2`` and ``||before||^2``.
+
+    Where ``||before|| == 0`` the denominator ``||after||`` is ``||delta||`` (``after = 0 +
+    delta``), so the ratio is 1 there, or 0 when nothing changed (0/0)."""
+    d = tf.sqrt(tf.cast(delta_squared, tf.float32))
+    b = tf.sqrt(tf.cast(before_squared, tf.float32))
+    denom = tf.where(b > 0, b, d)
+    return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
 
 
 def _only_if(flat: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
@@ -188,14 +238,19 @@ class GradientStats(Diagnostic):
 
         def on_due(inp):
             out = {"@logits/norm": tf.norm(inp.logits_grad)}
+            # Each statistic for all variables as one vector (stacked_variable_stats), then one
+            # scalar output per variable and statistic.
+            stats = stacked_variable_stats(inp.grads, inp.squared_norm_vector)
             updates, before_sq = inp.updates, inp.weight_squared_norms_before
-            for i, ((layer, var), g, v) in enumerate(zip(names, inp.grads, inp.variables)):
-                for stat, value in variable_stats(g, inp.squared_norms[i]).items():
+            if updates is not None:
+                # ||w_before||: taken before the update when it was recorded, else from the copy
+                if before_sq is None:
+                    before_sq = tf.stack([2.0 * tf.nn.l2_loss(w) for w in inp.weights_before])
+                delta_sq = tf.stack([_squared_norm(updates, i) for i in range(len(names))])
+                stats["update_ratio"] = stacked_update_ratios(delta_sq, before_sq)
+            for stat, vector in stats.items():
+                for (layer, var), value in zip(names, tf.unstack(vector, num=len(names))):
                     out[f"{layer}/{var}/{stat}"] = value
-                if updates is not None:
-                    # ||w_before||: taken before the update when it was recorded, else from the copy
-                    b_sq = before_sq[i] if before_sq is not None else 2.0 * tf.nn.l2_loss(inp.weights_before[i])
-                    out[f"{layer}/{var}/update_ratio"] = norms_update_ratio(_squared_norm(updates, i), b_sq, v)
             if hist:
                 # Buckets (not gradient copies), and only at histogram steps.
                 shape = [len(names), summaries.HISTOGRAM_BUCKETS, 3]

@@ -201,6 +201,15 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+def _float32_scalar(value) -> tf.Tensor:
+    """``value`` as a float32 scalar tensor, adding no op when it is one already (a due step
+    stacks dozens of them)."""
+    value = tf.convert_to_tensor(value)
+    if value.shape.rank != 0:
+        value = tf.reshape(value, [])
+    return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
+
+
 class _Lazy(collections.abc.Sequence):
     """Per variable, a tensor built by ``build(i)`` where a tap reads it: inside its due-step
     branch, so the other steps pay nothing (the updates, the weights before them).
@@ -747,8 +756,7 @@ class GradlabModel(keras.Model):
                     # on the copy, never on the step's inputs, whose tensors live outside the branch.
                     out = tap.on_due(copy.copy(inputs))
                     if state.due_scalar_names:
-                        state.due_scalars.assign(tf.stack([tf.cast(tf.reshape(out[name], []), tf.float32)
-                                                           for name in state.due_scalar_names]))
+                        state.due_scalars.assign(tf.stack([_float32_scalar(out[name]) for name in state.due_scalar_names]))
                     for name, var in state.due.items():
                         var.assign(tf.cast(tf.reshape(out[name], var.shape), tf.float32))
                     state.due_step.assign(inputs.step)

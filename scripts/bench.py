@@ -77,6 +77,11 @@ def make_model(kind: str, seed: int = 0):
 # Step costs are grouped by ``step % PERIOD``: every schedule in the blocks divides it, so steps of
 # one group do the same work (see ``Variant.per_step``).
 PERIOD = 100
+# This VM's second core comes and goes for whole epochs, which then run ~1.8x slower. The
+# "per step" ratio uses each variant's epochs of the fast state only: those whose median step is
+# within FAST_STATE of the variant's fastest epoch (far below 1.8; a variant none of whose epochs
+# ran in the fast state shows as a ratio off by that much).
+FAST_STATE = 1.4
 
 
 class StepClock(keras.callbacks.Callback):
@@ -89,14 +94,15 @@ class StepClock(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.stamps, self.first_step = [], 0
+        self.stamps, self.cpu_stamps, self.first_step = [], [], 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.first_step = int(self.model.optimizer.iterations.numpy())  # once per epoch, every variant
-        self.stamps = []
+        self.stamps, self.cpu_stamps = [], []
 
     def on_train_batch_begin(self, batch, logs=None):
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
 
 
 class Variant:
@@ -108,7 +114,9 @@ class Variant:
         self.times: list[float] = []
         self.cpu: list[float] = []  # samples per CPU-second of this process (all threads)
         self.clock = StepClock()
-        self.step_times: dict[int, list[float]] = {}  # step % PERIOD -> seconds from one batch start to the next
+        # per timed epoch: (its median step time, {step % PERIOD: seconds from one batch start to
+        # the next}, the same in CPU seconds)
+        self.epochs: list[tuple[float, dict[int, list[float]], dict[int, list[float]]]] = []
 
     def setup(self, x, y):
         self.model, loss = make_model(self.kind)
@@ -134,17 +142,66 @@ class Variant:
         self.cpu.append(samples / cpu_used)
         # Batch i's interval (its start to the next batch's start: its steps, the callbacks after
         # them, the fit loop), per step, belongs to its first step; the last batch has no next start.
-        stamps, first = self.clock.stamps, self.clock.first_step
-        for i in range(len(stamps) - 1):
-            self.step_times.setdefault((first + i * self.spe) % PERIOD, []).append((stamps[i + 1] - stamps[i]) / self.spe)
+        clock, first = self.clock, self.clock.first_step
+        groups: dict[int, list[float]] = {}
+        cpu_groups: dict[int, list[float]] = {}
+        for i in range(len(clock.stamps) - 1):
+            key = (first + i * self.spe) % PERIOD
+            groups.setdefault(key, []).append((clock.stamps[i + 1] - clock.stamps[i]) / self.spe)
+            cpu_groups.setdefault(key, []).append((clock.cpu_stamps[i + 1] - clock.cpu_stamps[i]) / self.spe)
+        if groups:
+            self.epochs.append((statistics.median(t for g in groups.values() for t in g), groups, cpu_groups))
 
-    def per_step(self) -> float:
-        """Seconds per step: the median interval of each ``step % PERIOD`` group, averaged over the
-        groups. A due step and the steps between writes keep their share of the mean (every
-        group counts once per period, as in a long run), while a stall of the machine, which
-        lands on random steps, drops out of each group's median -- unlike the epoch times."""
-        groups = [statistics.median(t) for t in self.step_times.values()]
-        return sum(groups) / len(groups)
+    def per_step(self, cpu: bool = False) -> tuple[float | None, int]:
+        """Seconds per step (``cpu``: CPU seconds of the process, all threads) from the epochs of
+        the machine's fast state (median step within ``FAST_STATE`` of this variant's fastest
+        epoch), and how many epochs that is.
+
+        The median interval of each ``step % PERIOD`` group, averaged over the groups: a due step
+        and the steps between writes keep their share of the mean (every group counts once per
+        period, as in a long run), while a stall, which lands on random steps, drops out of each
+        group's median."""
+        if not self.epochs:
+            return None, 0
+        slowest_epoch = FAST_STATE * min(epoch[0] for epoch in self.epochs)
+        kept = [epoch[2 if cpu else 1] for epoch in self.epochs if epoch[0] <= slowest_epoch]
+        merged: dict[int, list[float]] = {}
+        for groups in kept:
+            for key, times in groups.items():
+                merged.setdefault(key, []).extend(times)
+        if not merged:
+            return None, 0
+        return sum(statistics.median(t) for t in merged.values()) / len(merged), len(kept)
+
+    def epoch_in_steps(self, steps: int | None = None):
+        """One epoch of ``fit``, one execution per ``next()``: what Keras 3's TensorFlow ``fit`` does
+        (its epoch iterator, a CallbackList built as ``fit`` builds it, the same hooks in the same
+        order), so that :func:`run_lockstep` can interleave variants step by step. Each ``next()``
+        yields ``(step, seconds, cpu_seconds)`` of one batch: its begin hook, the compiled step and
+        its end hook. Uses Keras internals (``TFEpochIterator``); the timed work is fit's own."""
+        from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+        model = self.model
+        epoch = TFEpochIterator(x=self.ds, steps_per_epoch=steps, distribute_strategy=model.distribute_strategy,
+                                steps_per_execution=model.steps_per_execution)
+        callbacks = keras.callbacks.CallbackList(self.cbs, add_history=True, add_progbar=False, verbose=0, epochs=1,
+                                                 steps=epoch.num_batches, model=model)
+        model.stop_training = False
+        model.make_train_function()
+        callbacks.on_train_begin()
+        model.reset_metrics()
+        callbacks.on_epoch_begin(0)
+        first = int(model.optimizer.iterations.numpy())
+        logs = {}
+        with epoch.catch_stop_iteration():
+            for i, (begin, end, iterator) in enumerate(epoch):
+                start, cpu = time.perf_counter(), time.process_time()
+                callbacks.on_train_batch_begin(begin)
+                logs = model.train_function(iterator)
+                callbacks.on_train_batch_end(end, logs)
+                yield first + i * self.spe, time.perf_counter() - start, time.process_time() - cpu
+        callbacks.on_epoch_end(0, dict(model._get_metrics_result_or_logs(logs)))
+        callbacks.on_train_end()
 
     @property
     def best(self) -> float:
@@ -225,6 +282,14 @@ BLOCKS = {
 }
 
 
+def per_step_ratio(measured, base_step, rounds, epochs: bool = True) -> str:
+    step, used = measured
+    counted = f" ({used}/{rounds})" if epochs else ""
+    if step is None or not base_step:
+        return f"{'-':>9}{counted}"
+    return f"{step / base_step:>8.3f}x{counted}"
+
+
 def run_block(name, variants, x, y, rounds):
     for v in variants:
         v.setup(x, y)
@@ -236,11 +301,13 @@ def run_block(name, variants, x, y, rounds):
     print(f"\n[{name}] {len(x)} samples; wall clock: best of {rounds} epochs (median in its own column); "
           f"CPU time: median samples per CPU-second; paired: median over rounds of the slowdown "
           f"against the first variant's epoch of the same round; per step: median time per step in "
-          f"each group of steps with the same step % {PERIOD}, averaged over the groups (Variant.per_step)")
+          f"each group of steps with the same step % {PERIOD}, averaged over the groups, from the epochs of "
+          f"the machine's fast state (median step within {FAST_STATE}x of the variant's fastest epoch; how many of "
+          f"the {rounds} epochs: in brackets; Variant.per_step); CPU/step: the same in CPU time")
     print(f"  {'variant':<46} {'samples/s':>10} {'vs first':>9} {'slowdown':>9} {'median':>9}"
-          f" {'CPU slowdown':>13} {'paired':>8} {'per step':>9}")
+          f" {'CPU slowdown':>13} {'paired':>8} {'per step':>9} {'epochs'} {'CPU/step':>9}")
     base_cpu = statistics.median(base.cpu)
-    base_step = base.per_step()
+    base_step, base_step_cpu = base.per_step()[0], base.per_step(cpu=True)[0]
     for v in variants:
         ratio = v.best / base.best
         cpu_ratio = base_cpu / statistics.median(v.cpu)
@@ -248,8 +315,51 @@ def run_block(name, variants, x, y, rounds):
         # (one core or two) than the best epochs of two variants are.
         paired = statistics.median(b / t for b, t in zip(base.times, v.times))
         print(f"  {v.label:<46} {v.best:>10,.0f} {ratio:>8.3f}x {1 / ratio:>8.3f}x {v.median:>9,.0f}"
-              f" {cpu_ratio:>12.3f}x {paired:>7.3f}x {v.per_step() / base_step:>8.3f}x")
+              f" {cpu_ratio:>12.3f}x {paired:>7.3f}x {per_step_ratio(v.per_step(), base_step, rounds)}"
+              f" {per_step_ratio(v.per_step(cpu=True), base_step_cpu, rounds, epochs=False)}")
     return {v.label: v.best for v in variants}
+
+
+def run_lockstep(name, variants, x, y, rounds):
+    """Every variant runs its epoch one step at a time, in turn (the order rotating from step to
+    step), so that step ``i`` of every variant sees the machine in the same state: on this VM the
+    state changes between epochs by more than the costs measured, and epoch-level comparisons
+    cannot separate the two. Reported per variant: the median time of each group of steps with
+    the same ``step % PERIOD`` (every variant has the same step counts), averaged over the
+    groups, against the first variant -- wall and CPU (CPU time is the process's, so it is split
+    between the variants of a tick by their wall share; reported for reference only)."""
+    for v in variants:
+        v.setup(x, y)
+    steps = len(x) // variants[0].batch
+    wall = [dict() for _ in variants]
+    for r in range(rounds):
+        gc.collect()
+        runs = [v.epoch_in_steps(steps) for v in variants]
+        for tick in range(steps):
+            order = list(range(len(variants)))
+            k = tick % len(order)
+            for j in order[k:] + order[:k]:
+                step, seconds, _ = next(runs[j])
+                if tick < steps - 1:  # the last step also closes the epoch in some variants
+                    wall[j].setdefault(step % PERIOD, []).append(seconds)
+        for run in runs:  # on_epoch_end, on_train_end
+            for _ in run:
+                pass
+
+    def per_step(groups):
+        return sum(statistics.median(t) for t in groups.values()) / len(groups)
+
+    base = per_step(wall[0])
+    print(f"\n[{name}] {len(x)} samples, {rounds} epochs per variant, run in lockstep (one step of each "
+          f"variant in turn); per step: median of each step % {PERIOD} group, averaged over the groups")
+    print(f"  {'variant':<46} {'ms/step':>9} {'slowdown':>9}")
+    for v, groups in zip(variants, wall):
+        t = per_step(groups)
+        print(f"  {v.label:<46} {t * 1e3:>9.3f} {t / base:>8.3f}x")
+
+
+# A lockstep block runs the variants of the named block (run_lockstep).
+LOCKSTEP = {"lockstep": "overhead", "lockstep_breakdown": "breakdown", "lockstep_second_order": "second_order"}
 
 
 def main(argv=None) -> int:
@@ -257,7 +367,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="6,000 samples and 2 rounds (a smoke run, noisy)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--samples", type=int, default=60_000)
-    p.add_argument("--block", default="step,batch32,overhead,second_order", help="comma-separated: " + ",".join(BLOCKS))
+    p.add_argument("--block", default="step,batch32,overhead,lockstep,second_order",
+                   help="comma-separated: " + ",".join([*BLOCKS, *LOCKSTEP]))
     p.add_argument("--threads", type=int, default=0,
                    help="TensorFlow intra- and inter-op threads (0: TensorFlow's default, all cores). On a "
                         "machine whose cores come and go, 1 gives steadier ratios -- of a different, "
@@ -271,16 +382,19 @@ def main(argv=None) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.quick:
         args.samples, args.rounds = 6_000, 2
-    unknown = [b for b in args.block.split(",") if b not in BLOCKS]
+    unknown = [b for b in args.block.split(",") if b not in BLOCKS and b not in LOCKSTEP]
     if unknown:
-        print(f"--block: {unknown[0]!r} is not one of {', '.join(BLOCKS)}", file=sys.stderr)
+        print(f"--block: {unknown[0]!r} is not one of {', '.join([*BLOCKS, *LOCKSTEP])}", file=sys.stderr)
         return 2
     x, y = make_data(args.samples)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_logical_devices()]}, intra-op threads: "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}")
     for name in args.block.split(","):
-        run_block(name, BLOCKS[name](), x, y, args.rounds)
+        if name in LOCKSTEP:
+            run_lockstep(name, BLOCKS[LOCKSTEP[name]](), x, y, args.rounds)
+        else:
+            run_block(name, BLOCKS[name](), x, y, args.rounds)
     return 0
 
 

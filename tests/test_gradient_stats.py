@@ -10,7 +10,8 @@ import tensorflow as tf
 
 import gradlab
 from gradlab.callbacks import GradientStats, observations_for
-from gradlab.callbacks.gradient_stats import update_ratio, variable_stats
+from gradlab.callbacks.gradient_stats import (stacked_update_ratios, stacked_variable_stats, update_ratio,
+                                              variable_stats)
 from gradlab.data import load_iris
 from gradlab.events import read_scalars, read_tags
 
@@ -104,6 +105,49 @@ def test_recorded_update_squared_norm_needs_no_negated_copy():
 def test_variable_stats_of_empty_gradient_are_zero():
     stats = {k: float(v) for k, v in variable_stats(tf.zeros([0, 3])).items()}
     assert stats == {"norm": 0.0, "mean": 0.0, "std": 0.0, "max_abs": 0.0, "zero_fraction": 0.0}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_stacked_stats_equal_the_per_gradient_stats(compiled):
+    """The vectorised statistics the step uses equal variable_stats gradient by gradient: an
+    ordinary gradient, one whose mean dwarfs its spread (two-pass std), an empty one, one with
+    zeros, and one with a NaN."""
+    grads = [RNG.normal(size=(30, 20)).astype(np.float32),
+             (1e3 + 0.01 * RNG.normal(size=(50,))).astype(np.float32),
+             np.zeros((0, 4), np.float32),
+             np.where(RNG.random((7, 9)) < 0.5, 0.0, RNG.normal(size=(7, 9))).astype(np.float32),
+             np.array([1.0, np.nan, 0.0, -2.0], np.float32)]
+    tensors = [tf.constant(g) for g in grads]
+    squared = tf.stack([2.0 * tf.nn.l2_loss(t) for t in tensors])
+    fn = tf.function(stacked_variable_stats) if compiled else stacked_variable_stats
+    stacked = {k: v.numpy() for k, v in fn(tensors, squared).items()}
+    for i, t in enumerate(tensors):
+        single = {k: float(v) for k, v in variable_stats(t, squared[i]).items()}
+        for stat, value in single.items():
+            np.testing.assert_allclose(stacked[stat][i], value, rtol=2e-5, equal_nan=True, err_msg=f"{stat} of {i}")
+    g64 = grads[1].astype(np.float64)
+    assert stacked["std"][1] == pytest.approx(g64.std(), rel=1e-4)  # the two-pass path, not noise
+    assert list(stacked["zero_fraction"][2:4]) == [0.0, pytest.approx(np.mean(grads[3] == 0))]
+
+
+def test_stacked_stats_of_gradients_of_unknown_size():
+    fn = tf.function(stacked_variable_stats, input_signature=[[tf.TensorSpec([None], tf.float32)] * 2,
+                                                              tf.TensorSpec([2], tf.float32)])
+    a, b = np.array([3.0, 0.0, -4.0], np.float32), np.array([], np.float32)
+    out = {k: v.numpy() for k, v in fn([a, b], tf.constant([25.0, 0.0])).items()}
+    assert out["norm"].tolist() == [5.0, 0.0] and out["max_abs"].tolist() == [4.0, 0.0]
+    assert out["zero_fraction"][0] == pytest.approx(1 / 3) and out["zero_fraction"][1] == 0.0
+
+
+def test_stacked_update_ratios_follow_the_zero_weight_convention():
+    w = RNG.normal(size=(4, 3)).astype(np.float32)
+    d = (RNG.normal(size=(4, 3)) * 0.01).astype(np.float32)
+    cases = [(d, w), (d, np.zeros_like(w)), (np.zeros_like(w), np.zeros_like(w)), (np.zeros_like(w), w)]
+    ratios = stacked_update_ratios(tf.constant([float(np.sum(c[0].astype(np.float64) ** 2)) for c in cases]),
+                                   tf.constant([float(np.sum(c[1].astype(np.float64) ** 2)) for c in cases])).numpy()
+    expected = [float(update_ratio(delta, before)) for delta, before in cases]
+    np.testing.assert_allclose(ratios, expected, rtol=1e-5)
+    assert expected[1] == pytest.approx(1.0) and expected[2] == 0.0 and expected[3] == 0.0
 
 
 def test_update_ratio_and_zero_weight_convention():
