@@ -78,7 +78,8 @@ def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[
         # Counted as float32 (exact while the count stays below 2^24) or int64, chosen here from the
         # known size: tf.math.zero_fraction decides in a tf.cond, and tf.math.count_nonzero goes
         # through int64 -- both cost more than the count itself on a CPU. (Counting as
-        # ``size - sum(sign(g)^2)`` avoids the bool-to-float cast; measured end to end, no faster.)
+        # ``size - sum(sign(g)^2)`` avoids the bool-to-float cast: ~1% of a step with statistics at
+        # every step, measured in lockstep; not worth a second code path.)
         count = tf.float32 if size <= 2 ** 24 else tf.int64
         zeros = tf.reduce_sum(tf.cast(tf.equal(g, 0.0), count))
         zero_fraction = tf.cast(zeros, tf.float32) / float(size)
