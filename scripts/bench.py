@@ -209,6 +209,8 @@ class Variant:
                 logs = model.train_function(iterator)
                 callbacks.on_train_batch_end(end, logs)
                 yield first + i * self.spe, time.perf_counter() - start, time.process_time() - cpu
+                if model.stop_training:
+                    break
         callbacks.on_epoch_end(0, dict(model._get_metrics_result_or_logs(logs)))
         callbacks.on_train_end()
 
@@ -348,7 +350,10 @@ def run_lockstep(name, variants, x, y, rounds):
             order = list(range(len(variants)))
             k = tick % len(order)
             for j in order[k:] + order[:k]:
-                step, seconds, _ = next(runs[j])
+                timed = next(runs[j], None)
+                if timed is None:  # a callback stopped training (fit would stop too): no fair comparison left
+                    raise SystemExit(f"lockstep: {variants[j].label!r} stopped training after {tick} of {steps} steps")
+                step, seconds, _ = timed
                 if tick < steps - 1:  # the last step also closes the epoch in some variants
                     wall[j].setdefault(step % PERIOD, []).append(seconds)
         for run in runs:  # on_epoch_end, on_train_end
