@@ -337,8 +337,8 @@ def run_lockstep(name, variants, x, y, rounds):
     state changes between epochs by more than the costs measured, and epoch-level comparisons
     cannot separate the two. Reported per variant: the median time of each group of steps with
     the same ``step % PERIOD`` (every variant has the same step counts), averaged over the
-    groups, against the first variant -- wall and CPU (CPU time is the process's, so it is split
-    between the variants of a tick by their wall share; reported for reference only)."""
+    groups, against the first variant. Wall time only: the process's CPU time covers whatever
+    its threads do while a step runs, which here includes the other variants' leftovers."""
     for v in variants:
         v.setup(x, y)
     steps = len(x) // variants[0].batch
