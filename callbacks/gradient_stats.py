@@ -43,99 +43,73 @@ STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
 
 
 def variable_stats(g: tf.Tensor, squared_norm: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-    """``norm, mean, std, max_abs, zero_fraction`` of one gradient (see the module docstring).
+    """``norm, mean, std, max_abs, zero_fraction`` of one gradient (see the module docstring):
+    :func:`stacked_variable_stats` of ``[g]``.
 
     ``squared_norm``: ``sum(g^2)`` when the caller has it already (the step computes it for
-    every gradient). ``std`` is ``sqrt(sum(g^2)/n - mean^2)`` from sums the step has anyway when
-    that is well conditioned (``mean^2 <= E[g^2] / 2``: the subtraction loses at most one bit,
-    the usual case for gradients), else the two-pass ``sqrt(sum((g - mean)^2) / n)``, exact also
-    when ``|mean| >> std``; ``max_abs`` is ``max(max g, -min g)`` (no ``|g|`` temporary).
+    every gradient).
     """
     g = tf.cast(tf.reshape(g, [-1]), tf.float32)
-    size = g.shape.num_elements()
-    if size == 0:
-        zero = tf.constant(0.0)
-        return {stat: zero for stat in STATS}
-    n = tf.cast(tf.maximum(tf.size(g), 1), tf.float32)
     if squared_norm is None:
         squared_norm = 2.0 * tf.nn.l2_loss(g)
-    mean = tf.reduce_sum(g) / n
-    if size is None:  # unknown length: may be empty
-        max_abs = tf.reduce_max(tf.concat([tf.abs(g), [0.0]], 0))
-    else:
-        max_abs = tf.maximum(tf.reduce_max(g), -tf.reduce_min(g))
-    squared_norm = tf.cast(squared_norm, tf.float32)
-    mean_square = squared_norm / n
-    one_pass = tf.logical_and(tf.math.is_finite(mean_square), mean * mean <= 0.5 * mean_square)
-    # The second pass runs over all of g only when needed, over none of it otherwise: a slice of
-    # dynamic length instead of a tf.cond (a functional If costs tens of microseconds a step).
-    rest = _only_if(g, tf.logical_not(one_pass))
-    two_pass = tf.sqrt(2.0 * tf.nn.l2_loss(rest - mean) / n)
-    std = tf.where(one_pass, tf.sqrt(tf.maximum(mean_square - mean * mean, 0.0)), two_pass)
-    if size is None:  # may be empty: 0/1, not tf.math.zero_fraction's 0/0
-        zero_fraction = tf.cast(tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.int64)), tf.float32) / n
-    else:
-        # Counted as float32 (exact while the count stays below 2^24) or int64, chosen here from the
-        # known size: tf.math.zero_fraction decides in a tf.cond, and tf.math.count_nonzero goes
-        # through int64 -- both cost more than the count itself on a CPU. (Counting as
-        # ``size - sum(sign(g)^2)`` avoids the bool-to-float cast: ~1% of a step with statistics at
-        # every step, measured in lockstep; not worth a second code path.)
-        count = tf.float32 if size <= 2 ** 24 else tf.int64
-        zeros = tf.reduce_sum(tf.cast(tf.equal(g, 0.0), count))
-        zero_fraction = tf.cast(zeros, tf.float32) / float(size)
-    return {
-        "norm": tf.sqrt(squared_norm),
-        "mean": mean,
-        "std": std,
-        "max_abs": max_abs,
-        "zero_fraction": zero_fraction,
-    }
+    stats = stacked_variable_stats([g], tf.reshape(tf.cast(squared_norm, tf.float32), [1]))
+    return {stat: vector[0] for stat, vector in stats.items()}
 
 
 def stacked_variable_stats(grads, squared_norms: tf.Tensor) -> dict[str, tf.Tensor]:
-    """:func:`variable_stats` of several gradients at once: each statistic a float32 vector with
-    one entry per gradient, the same math and edge cases (empty gradients give zeros).
+    """``norm, mean, std, max_abs, zero_fraction`` of several gradients at once (see the module
+    docstring): each statistic a float32 vector with one entry per gradient. An empty gradient
+    (also one of unknown size that turns out empty) gives zeros.
 
-    ``squared_norms``: the ``[len(grads)]`` vector of ``sum(g^2)``. The passes over each gradient
-    are the same as :func:`variable_stats`'s (sum, max, min, zero count, and the second pass for
-    ``std`` only where the one-pass formula is ill-conditioned); the scalar arithmetic after them
-    runs once on the vectors instead of once per gradient -- in a step, where each small op
-    costs several microseconds, that is about a hundred ops fewer for a three-layer MLP.
-    Gradients of unknown size go through :func:`variable_stats` one by one.
+    ``squared_norms``: the ``[len(grads)]`` vector of ``sum(g^2)`` (the step computes it for every
+    gradient). Each gradient gets its own passes: sum, max, min, zero count, and a second pass for
+    ``std`` only where ``sqrt(sum(g^2)/n - mean^2)`` is ill-conditioned (``mean^2 > E[g^2] / 2``;
+    otherwise the subtraction loses at most one bit): there ``sqrt(sum((g - mean)^2) / n)``, exact
+    also when ``|mean| >> std`` -- a slice of dynamic length, so the pass costs nothing when not
+    needed (a functional If costs tens of microseconds a step). ``max_abs`` is ``max(max g, -min
+    g)`` (no ``|g|`` temporary). Zeros are counted in float32 (exact below 2^24 entries) or int64,
+    chosen from the known size: ``tf.math.zero_fraction`` decides in a tf.cond and
+    ``tf.math.count_nonzero`` goes through int64, both dearer on a CPU. (Counting as ``n -
+    sum(sign(g)^2)`` avoids the bool-to-float cast: ~1% of a step with statistics at every step,
+    measured in lockstep; not adopted.) The scalar arithmetic after the passes runs once on the
+    vectors, not once per gradient: in a step, where each small op costs several microseconds,
+    that is about a hundred ops fewer for a three-layer MLP.
     """
     flat = [tf.cast(tf.reshape(g, [-1]), tf.float32) for g in grads]
-    sizes = [f.shape.num_elements() for f in flat]
-    if any(size is None for size in sizes):
-        per = [variable_stats(g, squared_norms[i]) for i, g in enumerate(flat)]
-        return {stat: tf.stack([p[stat] for p in per]) for stat in STATS}
+    sizes = [f.shape.num_elements() for f in flat]  # None: unknown until run (may be empty)
     zero = tf.constant(0.0)
 
-    def each(fn):  # one entry per gradient; 0 for an empty one (no reduction over nothing)
-        return tf.stack([fn(f, size) if size else zero for f, size in zip(flat, sizes)])
+    def each(fn):  # one entry per gradient; 0 for a known-empty one (no reduction over nothing)
+        return tf.stack([zero if size == 0 else fn(f, size) for f, size in zip(flat, sizes)])
 
-    def zeros(f, size):  # float32 counts are exact below 2^24, int64 above
-        return tf.cast(tf.reduce_sum(tf.cast(tf.equal(f, 0.0), tf.float32 if size <= 2 ** 24 else tf.int64)),
-                       tf.float32)
+    def padded(f, size):  # a gradient of unknown size with a 0 added: max/min defined when empty
+        return tf.concat([f, [0.0]], 0) if size is None else f
 
-    n = tf.constant([float(max(size, 1)) for size in sizes])
+    def zeros(f, size):
+        count = tf.int64 if size is None or size > 2 ** 24 else tf.float32
+        return tf.cast(tf.reduce_sum(tf.cast(tf.equal(f, 0.0), count)), tf.float32)
+
+    n = tf.stack([tf.cast(tf.maximum(tf.size(f), 1), tf.float32) if size is None else tf.constant(float(max(size, 1)))
+                  for f, size in zip(flat, sizes)])
     squared = tf.cast(squared_norms, tf.float32)
     mean = each(lambda f, _: tf.reduce_sum(f)) / n
-    max_abs = tf.maximum(each(lambda f, _: tf.reduce_max(f)), -each(lambda f, _: tf.reduce_min(f)))
+    max_abs = tf.maximum(each(lambda f, size: tf.reduce_max(padded(f, size))),
+                         -each(lambda f, size: tf.reduce_min(padded(f, size))))
     mean_square = squared / n
     one_pass = tf.logical_and(tf.math.is_finite(mean_square), mean * mean <= 0.5 * mean_square)
     means, two_pass_needed = tf.unstack(mean, num=len(flat)), tf.unstack(tf.logical_not(one_pass), num=len(flat))
-    second = tf.stack([2.0 * tf.nn.l2_loss(_only_if(f, two_pass_needed[i]) - means[i]) if size else zero
+    second = tf.stack([zero if size == 0 else 2.0 * tf.nn.l2_loss(_only_if(f, two_pass_needed[i]) - means[i])
                        for i, (f, size) in enumerate(zip(flat, sizes))])
     std = tf.where(one_pass, tf.sqrt(tf.maximum(mean_square - mean * mean, 0.0)), tf.sqrt(second / n))
     return {"norm": tf.sqrt(squared), "mean": mean, "std": std, "max_abs": max_abs,
             "zero_fraction": each(zeros) / n}
 
 
-def stacked_update_ratios(delta_squared: tf.Tensor, before_squared: tf.Tensor) -> tf.Tensor:
-    """:func:`norms_update_ratio` for vectors of ``||delta||^2`` and ``||before||^2``.
+def update_ratios(delta_squared: tf.Tensor, before_squared: tf.Tensor) -> tf.Tensor:
+    """``||delta|| / ||before||`` from ``||delta||^2`` and ``||before||^2`` (scalars or vectors).
 
-    Where ``||before|| == 0`` the denominator ``||after||`` is ``||delta||`` (``after = 0 +
-    delta``), so the ratio is 1 there, or 0 when nothing changed (0/0)."""
+    Where ``||before|| == 0`` the denominator is ``||after||``, which is ``||delta||`` there
+    (``after = 0 + delta``): the ratio is 1, or 0 when nothing changed (0/0)."""
     d = tf.sqrt(tf.cast(delta_squared, tf.float32))
     b = tf.sqrt(tf.cast(before_squared, tf.float32))
     denom = tf.where(b > 0, b, d)
@@ -150,32 +124,14 @@ def _only_if(flat: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
 
 def update_ratio(delta: tf.Tensor, before: tf.Tensor) -> tf.Tensor:
     """``||delta|| / ||before||`` with the zero-weight convention of the module docstring."""
-    before = tf.cast(before, tf.float32)
-    return weight_update_ratio(before, before + tf.cast(delta, tf.float32))
+    return update_ratios(2.0 * tf.nn.l2_loss(tf.cast(delta, tf.float32)), 2.0 * tf.nn.l2_loss(tf.cast(before, tf.float32)))
 
 
-def weight_update_ratio(before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
-    """``||after - before|| / ||before||`` (``/ ||after||`` when ``before`` is zero; 0/0 is 0)."""
-    before, after = tf.cast(before, tf.float32), tf.cast(after, tf.float32)
-    return norms_update_ratio(2.0 * tf.nn.l2_loss(after - before), 2.0 * tf.nn.l2_loss(before), after)
-
-
-def norms_update_ratio(delta_sq: tf.Tensor, before_sq: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
-    """:func:`weight_update_ratio` from ``||delta||^2`` and ``||before||^2`` (``after`` is only
-    read, in a pass, when ``before`` is zero)."""
-    d = tf.sqrt(tf.cast(delta_sq, tf.float32))
-    b = tf.sqrt(tf.cast(before_sq, tf.float32))
-    # ||after|| only matters for zero-initialised weights: computed (a pass) only then.
-    after = tf.cast(after, tf.float32)
-    denom = tf.where(b > 0, b, tf.sqrt(2.0 * tf.nn.l2_loss(_only_if(tf.reshape(after, [-1]), b <= 0))))
-    return tf.where(denom > 0, d / tf.where(denom > 0, denom, 1.0), 0.0)
-
-
-def _squared_norm(values, i: int) -> tf.Tensor:
-    """``sum(values[i]^2)``: through the sequence's own ``squared_norm`` when it has one (the
-    step's recorded updates: no negated copy of an ``assign_sub``), else a pass over ``values[i]``."""
-    method = getattr(values, "squared_norm", None)
-    return method(i) if method is not None else 2.0 * tf.nn.l2_loss(tf.cast(values[i], tf.float32))
+def _per_variable(names, stats: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """``{"layer/var/stat": scalar}`` from :func:`stacked_variable_stats`-style vectors (one entry
+    per ``(layer, var)`` of ``names``)."""
+    return {f"{layer}/{var}/{stat}": value for stat, vector in stats.items()
+            for (layer, var), value in zip(names, tf.unstack(vector, num=len(names)))}
 
 
 def logits_of(output: tf.Tensor) -> tf.Tensor:
@@ -247,11 +203,9 @@ class GradientStats(Diagnostic):
                 # ||w_before||: taken before the update when it was recorded, else from the copy
                 if before_sq is None:
                     before_sq = tf.stack([2.0 * tf.nn.l2_loss(w) for w in inp.weights_before])
-                delta_sq = tf.stack([_squared_norm(updates, i) for i in range(len(names))])
-                stats["update_ratio"] = stacked_update_ratios(delta_sq, before_sq)
-            for stat, vector in stats.items():
-                for (layer, var), value in zip(names, tf.unstack(vector, num=len(names))):
-                    out[f"{layer}/{var}/{stat}"] = value
+                delta_sq = tf.stack([updates.squared_norm(i) for i in range(len(names))])
+                stats["update_ratio"] = update_ratios(delta_sq, before_sq)
+            out.update(_per_variable(names, stats))
             if hist:
                 # Buckets (not gradient copies), and only at histogram steps.
                 shape = [len(names), summaries.HISTOGRAM_BUCKETS, 3]
@@ -337,9 +291,8 @@ class GradientStats(Diagnostic):
         grads = tape.gradient(loss, list(variables) + logits)
         out = {"@logits/norm": _joint_norm(grads[len(variables):])}
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads[:len(variables)], variables)]
-        for (layer, var), g in zip(summaries.variable_names(model), grads):
-            for stat, value in variable_stats(g).items():
-                out[f"{layer}/{var}/{stat}"] = value
+        squared = tf.stack([2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in grads])
+        out.update(_per_variable(summaries.variable_names(model), stacked_variable_stats(grads, squared)))
         if self.histogram_every:
             out["@histograms"] = tf.stack([summaries.histogram_buckets(g) for g in grads])
         return out

@@ -490,7 +490,7 @@ class GradlabModel(keras.Model):
             step=tf.constant(0, tf.int64), loss=tf.constant(0.0),
             grads=[tf.zeros(v.shape, tf.float32) for v in variables], variables=variables,
             logits=tf.zeros([2, out_units]), logits_grad=tf.zeros([2, out_units]),
-            updates=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None,
+            updates=_Lazy(len(variables), lambda i: tf.zeros(variables[i].shape, tf.float32)) if tap.needs_updates else None,
             weights_before=[tf.zeros(v.shape, tf.float32) for v in variables] if tap.needs_updates else None)
         if tap.needs_layers:
             chain = dense_chain(self)
