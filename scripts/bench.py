@@ -20,7 +20,7 @@ Blocks:
    breakdown (not in the default run): each diagnostic of the default set alone, to see where
    the defaults' cost goes. Both end with a control row: the no-diagnostics variant again,
    whose ratios show how far this run's noise alone moves a ratio from 1.
-4. second_order: curvature every 100 steps with 20 power iterations (target <= 1.3x),
+4. second_order: curvature every 100 steps with 20 power iterations (target <= 1.3x) and every step,
    gradient_noise every step (<= 2x) and every 10 steps (<= 1.15x): curvature on the probe batch
    of 256, gradient_noise from the training step (its default in gradlab runs) and, for
    comparison, from the probe batch.
@@ -251,8 +251,8 @@ def gradient_stats_every_step(model, x, y):
     return [GradientStats(log_dir=log_dir("gradient_stats"), every=1, histogram_every=0)]
 
 
-def curvature_every_100(model, x, y):
-    return [Curvature(log_dir=log_dir("curvature"), every=100, iterations=20)]
+def curvature_every(n):
+    return lambda model, x, y: [Curvature(log_dir=log_dir("curvature"), every=n, iterations=20)]
 
 
 def curvature_exactly_20(model, x, y):
@@ -285,7 +285,8 @@ BLOCKS = {
                           Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
                           Variant(CONTROL)],
     "second_order": lambda: [Variant("gradlab, no diagnostics"),
-                             Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every_100),
+                             Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every(100)),
+                             Variant("curvature every step, <=20 iterations", callbacks=curvature_every(1)),
                              Variant("curvature every 100 steps, exactly 20 iter.", callbacks=curvature_exactly_20),
                              Variant("gradient_noise every step", callbacks=noise_every(1)),
                              Variant("gradient_noise every 10 steps", callbacks=noise_every(10)),
