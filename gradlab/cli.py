@@ -9,9 +9,73 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# What TensorFlow's C++ runtime prints while it loads, before absl's logging is initialised and
+# so whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21; e.g. "I0000 ... port.cc:153] oneDNN custom
+# operations are on" on CPUs with AVX-512): absl's notice, and log lines "<L>MMDD hh:mm:ss.us
+# thread file:line] message" with L one of I, W, E, F (TF_CPP_MIN_LOG_LEVEL 0-3 hides I, W, E).
+_ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] ")  # (before init the time reads 00:00:<epoch s>)
+
+
+def _shown_at_log_level(lines: list[str], level: int) -> list[str]:
+    """``lines`` without the TensorFlow load-time log lines that TF_CPP_MIN_LOG_LEVEL ``level``
+    hides (with any level above 0, absl's notice too, also where it shares a line with the next
+    message: it has been seen written without its newline)."""
+    kept = []
+    for line in lines:
+        if level >= 1 and _ABSL_NOTICE in line:
+            line = line.replace(_ABSL_NOTICE, "")
+            if not line:
+                continue
+        match = _LOG_LINE.match(line)
+        if match is None or "IWEF".index(match.group(1)) >= level:
+            kept.append(line)
+    return kept
+
+
+def _import_tensorflow() -> None:
+    """Import TensorFlow and Keras with the lines its C++ runtime prints to stderr while loading
+    filtered by TF_CPP_MIN_LOG_LEVEL (default 3 here: errors only), which TensorFlow itself does not
+    apply before absl is initialised. Anything else printed meanwhile is passed on, in order. So a
+    user error stays the one line the CLI promises. Does nothing if TensorFlow is imported already."""
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (embedded, captured): nothing to filter
+        fd = None
+    if level <= 0 or fd is None:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines()
+            kept = _shown_at_log_level(lines, level)
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradlab.errors import GradlabError, first_line
 
     try:
+        if args.command != "schema":  # every other command loads TensorFlow (or TensorBoard, which does)
+            _import_tensorflow()
         return COMMANDS[args.command](args)
     except GradlabError as err:
         print(str(err), file=sys.stderr)

@@ -67,3 +67,34 @@ def test_submodules_are_attributes_of_the_lazy_package():
     code = "import gradlab; print(gradlab.config.__name__, gradlab.load_config.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == ["gradlab.config", "gradlab.config"]
+
+
+def test_tensorflow_load_time_log_lines_follow_tf_cpp_min_log_level():
+    """TensorFlow 2.21 prints these while loading, whatever TF_CPP_MIN_LOG_LEVEL says (seen on an
+    AVX-512 CPU, the notice once glued to the next line); the CLI applies the level itself."""
+    from gradlab.cli import _ABSL_NOTICE, _shown_at_log_level
+
+    info = ("I0000 00:00:1795811987.543711    6103 port.cc:153] oneDNN custom operations are on. You may see "
+            "slightly different numerical results due to floating-point round-off errors.")
+    warning = "W1127 20:31:02.123456    6103 cpu_feature_guard.cc:227] something to know"
+    error = "E0000 00:00:1795811989.102552    6103 cuda_dnn.cc:8] Unable to register cuDNN factory"
+    other = ["a Python warning printed meanwhile", "", "I0000 is not a log line without its source location"]
+    lines = [_ABSL_NOTICE, info, _ABSL_NOTICE + info, warning, error, *other]
+    assert _shown_at_log_level(lines, 0) == lines
+    assert _shown_at_log_level(lines, 1) == [warning, error, *other]
+    assert _shown_at_log_level(lines, 2) == [error, *other]
+    assert _shown_at_log_level(lines, 3) == other
+
+
+def test_a_user_error_is_one_line_whatever_tensorflow_prints_while_loading(tmp_path):
+    """End to end, as a user runs it: `gradlab validate` on a bad override loads TensorFlow
+    (diagnostic options are checked by building them) and still prints one line."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "gradlab.cli", "validate", str(ROOT / "configs" / "default.yaml"),
+                           "train.steps_per_execution=4", "diagnostics=[{type: gradient_stats, every: 6}]"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("command line: diagnostics.0.every: 6"), proc.stderr
