@@ -34,9 +34,14 @@ Blocks:
    blocks also print a "per step" ratio (group medians by ``step % 100`` over each variant's
    epochs of the fast state), better than epoch times but still exposed to the same drift.
 
+6. floor, lockstep_floor (the latter in the default run): the arithmetic of the gradient
+   statistics alone (:class:`FloorSGD`: the same TensorFlow reductions on the step's gradients,
+   with nothing around them) next to the diagnostics that need it: how much of their cost is the
+   arithmetic and how much everything else, and a floor for the targets on this machine.
+
 Every diagnostic writes its TensorBoard events (to a temporary directory), as in a real run.
 
-Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead,lockstep] [--threads N]``
+Usage: ``python scripts/bench.py [--quick] [--rounds N] [--samples N] [--block step,batch32,overhead,lockstep,lockstep_floor] [--threads N]``
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def make_data(samples: int, seed: int = 0):
 
 
 def make_model(kind: str, seed: int = 0):
+    """``kind``: "keras" (Keras's built-in step), "gradlab" (GradlabModel) or "floor" (:class:`FloorModel`)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((784,), name="features")
     h = keras.layers.Dense(512, activation="relu", name="hidden_1")(inputs)
@@ -77,10 +83,77 @@ def make_model(kind: str, seed: int = 0):
     if kind == "keras":
         model = keras.Model(inputs, logits)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    elif kind == "floor":
+        model = FloorModel(inputs=inputs, outputs=logits)
+        loss = make_loss("cross_entropy", "mean")
     else:
         model = GradlabModel(inputs=inputs, outputs=logits)
         loss = make_loss("cross_entropy", "mean")
     return model, loss
+
+
+class FloorSGD(keras.optimizers.SGD):
+    """SGD that first does the *arithmetic* of gradlab's gradient statistics, and nothing else:
+    a lower bound on what any implementation of them with TensorFlow's kernels costs in a step.
+
+    * ``norms_every_step``: ``sum(g^2)`` of every gradient at every step (``tf.nn.l2_loss``: one
+      fused pass). gradlab needs it at every step for the window max that catches a spike between
+      two writes and for the NaN/Inf guard (a gradient is nonfinite iff its squared norm is).
+    * due steps (``due``, set by :class:`FloorModel` per execution): ``sum g``, ``max g``, ``min g``
+      and the zero count (``mean, max_abs, zero_fraction``; ``std`` follows from the sums), and
+      ``sum(w^2)`` of the weights before the update (the update ratio's denominator). The update's
+      own norm is left out: for SGD it is ``lr * ||g||``, known from the squared norm.
+
+    No window, no branch (:class:`FloorModel` runs a due and a plain compiled step, chosen in
+    Python), no writes, no Python per step: the results go into one variable each, so that the
+    ops are not pruned, and the update waits only for the weight norms."""
+
+    def __init__(self, learning_rate, *, n_variables, norms_every_step=True, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.norms_every_step, self.due = norms_every_step, False
+        self.kept_norms = tf.Variable(tf.zeros([n_variables]), trainable=False)
+        self.kept_stats = tf.Variable(tf.zeros([5, n_variables]), trainable=False)
+
+    def apply_gradients(self, grads_and_vars):
+        grads_and_vars = list(grads_and_vars)
+        grads = [tf.reshape(g, [-1]) for g, _ in grads_and_vars]
+        if self.norms_every_step:
+            self.kept_norms.assign(2.0 * tf.stack([tf.nn.l2_loss(g) for g in grads]))
+        before = []
+        if self.due:
+            before = [2.0 * tf.stack([tf.nn.l2_loss(v) for _, v in grads_and_vars])]
+            self.kept_stats.assign(tf.stack([
+                tf.stack([tf.reduce_sum(g) for g in grads]), tf.stack([tf.reduce_max(g) for g in grads]),
+                tf.stack([tf.reduce_min(g) for g in grads]),
+                tf.stack([tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) for g in grads]), before[0]]))
+        with tf.control_dependencies(before):
+            return super().apply_gradients(grads_and_vars)
+
+
+class FloorModel(keras.Model):
+    """A plain Keras model (Keras's own ``train_step``) compiled with a :class:`FloorSGD`: two
+    compiled steps, one with the due-step arithmetic, one without, chosen in Python from the
+    step count (``stats_every``; 0: never due). ``steps_per_execution`` must be 1."""
+
+    stats_every = 0
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        optimizer, fns = self.optimizer, {}
+        for due in (False, True):  # traced at its first call, with optimizer.due set as below
+            super().make_train_function(force=True)
+            fns[due] = self.train_function
+
+        def train_function(iterator):
+            step = int(optimizer.iterations.numpy()) if self._floor_step is None else self._floor_step
+            optimizer.due = bool(self.stats_every) and step % self.stats_every == 0
+            self._floor_step = step + 1
+            return fns[optimizer.due](iterator)
+
+        self._floor_step = None  # a new fit: read the count once
+        self.train_function = train_function
+        return train_function
 
 
 # Step costs are grouped by ``step % PERIOD``: every schedule in the blocks divides it, so steps of
@@ -115,10 +188,11 @@ class StepClock(keras.callbacks.Callback):
 
 
 class Variant:
-    """One configuration to time: model kind, batch size, steps_per_execution, callbacks factory."""
+    """One configuration to time: model kind, batch size, steps_per_execution, callbacks factory;
+    for ``kind="floor"``, ``floor=(norms_every_step, stats_every)`` (:class:`FloorSGD`)."""
 
-    def __init__(self, label, kind="gradlab", batch=256, spe=1, callbacks=None):
-        self.label, self.kind, self.batch, self.spe = label, kind, batch, spe
+    def __init__(self, label, kind="gradlab", batch=256, spe=1, callbacks=None, floor=(True, 0)):
+        self.label, self.kind, self.batch, self.spe, self.floor = label, kind, batch, spe, floor
         self.callbacks = callbacks or (lambda model, x, y: [])
         self.times: list[float] = []
         self.cpu: list[float] = []  # samples per CPU-second of this process (all threads)
@@ -129,7 +203,11 @@ class Variant:
 
     def setup(self, x, y):
         self.model, loss = make_model(self.kind)
-        self.model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss,
+        optimizer = keras.optimizers.SGD(0.01)
+        if self.kind == "floor":
+            optimizer = FloorSGD(0.01, n_variables=len(self.model.trainable_variables), norms_every_step=self.floor[0])
+            self.model.stats_every = self.floor[1]
+        self.model.compile(optimizer=optimizer, loss=loss,
                            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                            steps_per_execution=self.spe, jit_compile=False)
         if self.kind == "gradlab":
@@ -284,6 +362,16 @@ BLOCKS = {
                                   callbacks=only({"type": "gradient_stats", "every": 10, "histogram_every": 0})),
                           Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
                           Variant(CONTROL)],
+    # The arithmetic alone (FloorSGD), next to the diagnostics that need it: a floor no
+    # implementation of these statistics with TensorFlow's kernels goes below on this machine.
+    "floor": lambda: [Variant("gradlab, no diagnostics"),
+                      Variant("floor: Keras step, nothing computed", kind="floor", floor=(False, 0)),
+                      Variant("floor: squared norms every step", kind="floor", floor=(True, 0)),
+                      Variant("floor: + statistics every 10 steps", kind="floor", floor=(True, 10)),
+                      Variant("floor: + statistics every step", kind="floor", floor=(True, 1)),
+                      Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
+                      Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step),
+                      Variant(CONTROL)],
     "second_order": lambda: [Variant("gradlab, no diagnostics"),
                              Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every(100)),
                              Variant("curvature every step, <=20 iterations", callbacks=curvature_every(1)),
@@ -374,7 +462,8 @@ def run_lockstep(name, variants, x, y, rounds):
 
 
 # A lockstep block runs the variants of the named block (run_lockstep).
-LOCKSTEP = {"lockstep": "overhead", "lockstep_breakdown": "breakdown", "lockstep_second_order": "second_order"}
+LOCKSTEP = {"lockstep": "overhead", "lockstep_breakdown": "breakdown", "lockstep_second_order": "second_order",
+            "lockstep_floor": "floor"}
 
 
 def main(argv=None) -> int:
@@ -382,7 +471,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="6,000 samples and 2 rounds (a smoke run, noisy)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--samples", type=int, default=60_000)
-    p.add_argument("--block", default="step,batch32,overhead,lockstep,second_order,lockstep_second_order",
+    p.add_argument("--block", default="step,batch32,overhead,lockstep,lockstep_floor,second_order,lockstep_second_order",
                    help="comma-separated: " + ",".join([*BLOCKS, *LOCKSTEP]))
     p.add_argument("--threads", type=int, default=0,
                    help="TensorFlow intra- and inter-op threads (0: TensorFlow's default, all cores). On a "
