@@ -94,11 +94,11 @@ def make_model(kind: str, seed: int = 0):
 
 class FloorSGD(keras.optimizers.SGD):
     """SGD that first does the *arithmetic* of gradlab's gradient statistics, and nothing else:
-    a lower bound on what any implementation of them with TensorFlow's kernels costs in a step.
+    what these TensorFlow reductions cost in a step, a floor for any implementation built on them.
 
     * ``norms_every_step``: ``sum(g^2)`` of every gradient at every step (``tf.nn.l2_loss``: one
       fused pass). gradlab needs it at every step for the window max that catches a spike between
-      two writes and for the NaN/Inf guard (a gradient is nonfinite iff its squared norm is).
+      two writes and for the NaN/Inf guard (a gradient with a NaN/Inf has a NaN/Inf squared norm).
     * due steps (``due``, set by :class:`FloorModel` per execution): ``sum g``, ``max g``, ``min g``
       and the zero count (``mean, max_abs, zero_fraction``; ``std`` follows from the sums), and
       ``sum(w^2)`` of the weights before the update (the update ratio's denominator). The update's
@@ -151,7 +151,7 @@ class FloorModel(keras.Model):
             self._floor_step = step + 1
             return fns[optimizer.due](iterator)
 
-        self._floor_step = None  # a new fit: read the count once
+        self._floor_step = None  # read from the optimizer at the first execution, then counted here
         self.train_function = train_function
         return train_function
 
@@ -362,8 +362,8 @@ BLOCKS = {
                                   callbacks=only({"type": "gradient_stats", "every": 10, "histogram_every": 0})),
                           Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
                           Variant(CONTROL)],
-    # The arithmetic alone (FloorSGD), next to the diagnostics that need it: a floor no
-    # implementation of these statistics with TensorFlow's kernels goes below on this machine.
+    # The arithmetic alone (FloorSGD), next to the diagnostics that need it: a floor for any
+    # implementation of these statistics built on the same TensorFlow reductions.
     "floor": lambda: [Variant("gradlab, no diagnostics"),
                       Variant("floor: Keras step, nothing computed", kind="floor", floor=(False, 0)),
                       Variant("floor: squared norms every step", kind="floor", floor=(True, 0)),
