@@ -418,6 +418,7 @@ class _TapState:
         self.captured = tf.Variable(_empty_window(self.width), **_ON_READ) if self.has_due else None
         self.consumed = -1  # the last due step handed to Python (read_due / read_tap)
         self.variable_ids: tuple = ()  # the trainable variables it was made for (register_tap)
+        self.signal_index: int | None = None  # set by GradlabModel._layout_window
         self._read_fns: dict = {}
 
     @property
@@ -530,11 +531,14 @@ class GradlabModel(keras.Model):
         """(Re)build the shared window variable for the current taps, keeping open windows."""
         previous = self._gradlab_window
         kept = previous.numpy() if previous is not None else None
-        columns, moves = 0, []
+        columns, moves, signals = 0, [], 0
         for state in self._gradlab_taps.values():
             if kept is not None and state.hi > state.lo:  # laid out before: keep its open window
                 moves.append((columns, state.lo, state.hi))
             state.lo, state.hi = columns, columns + state.width
+            # its position among the returned signals (train_step gathers them in this order)
+            state.signal_index = signals if state.tap.signal in state.window_names else None
+            signals += state.signal_index is not None
             state._read_fns.clear()  # they captured the previous variable
             columns = state.hi
         initial = _empty_window(columns)
@@ -910,7 +914,7 @@ class GradlabModel(keras.Model):
                 # vector (exact up to step 2^53), because every output of the step costs work at
                 # every execution (a second small output: 0.04-0.1 ms a step, lockstep-measured).
                 head = tf.cast(optimizer.iterations, tf.float64)[tf.newaxis]
-                logs = dict(logs, **{_NEXT_STEP: head if signals is None else tf.concat([head, signals], 0)})
+                logs = dict(logs, **{_STEP_AND_SIGNALS: head if signals is None else tf.concat([head, signals], 0)})
         return logs
 
     def _apply(self, grads, variables, finite, replicas, capture, keep_after=False):
@@ -992,10 +996,10 @@ class GradlabModel(keras.Model):
                 logs = variant(iterator)
             finally:
                 runtime.plain = False
-            if isinstance(logs, dict) and (_DUE in logs or _NEXT_STEP in logs):
+            if isinstance(logs, dict) and (_DUE in logs or _STEP_AND_SIGNALS in logs):
                 logs = dict(logs)
                 returned = {_DUE: logs.pop(_DUE)} if _DUE in logs else {}
-                packed = logs.pop(_NEXT_STEP, None)
+                packed = logs.pop(_STEP_AND_SIGNALS, None)
                 runtime.next_step = None
                 if packed is not None:  # [next step, *signals] (train_step)
                     packed = packed.numpy()
@@ -1049,11 +1053,8 @@ class GradlabModel(keras.Model):
         an execution, and with several replicas (use :meth:`peek_tap` then).
         """
         state = self._gradlab_taps.get(key)
-        values = None if state is None or state.tap.signal is None else self._returned(_SIGNALS, state)
-        if values is None:
-            return None
-        index = [s for s in self._gradlab_taps.values() if s.tap.signal in s.window_names].index(state)
-        return float(values[index])
+        values = None if state is None or state.signal_index is None else self._returned(_SIGNALS, state)
+        return None if values is None else float(values[state.signal_index])
 
     # ---- tf.distribute ------------------------------------------------------------------------
     def _gradlab_global(self, grads, loss, logits, logits_grad, y):
@@ -1176,7 +1177,7 @@ class GradlabModel(keras.Model):
 
 _SIGNALS = "_gradlab_tap_signals"
 _DUE = "_gradlab_tap_due"
-_NEXT_STEP = "_gradlab_next_step"
+_STEP_AND_SIGNALS = "_gradlab_step_and_signals"  # [next step, *window maxima of the signals]
 
 
 def _when(preds: list, fn: Callable, cond: Callable) -> None:
