@@ -196,6 +196,7 @@ class Diagnostic(keras.callbacks.Callback):
             raise ValueError("`probe_data` must be a pair (x, y)")
         self.probe_data = probe_data
         self._writer = None
+        self._tap_writer = None  # held while a tap that writes in the step is attached (tap_writer)
         self._in_fit = False  # between Keras's set_model (at the start of fit) and on_train_end
         self._pending: list[tuple[str, float, int]] = []
         self._pending_histograms: list[tuple[str, np.ndarray, int]] = []
@@ -253,16 +254,26 @@ class Diagnostic(keras.callbacks.Callback):
         if self.log_dir is not None:
             self._pending.append((tag, float(value), int(step)))
 
-    def scalars(self, tags, values, step: int) -> None:
+    def scalars(self, tags, values, step: int, written: bool = False) -> None:
         """:meth:`scalar` for each of ``tags`` with ``values[i]``, all at ``step``: the same
-        effect with less Python work per value (a diagnostic writing dozens of values a step)."""
+        effect with less Python work per value (a diagnostic writing dozens of values a step).
+        ``written``: the step wrote them already (a tap's :class:`~gradlab.train_step.StepWrite`):
+        publish them to the observations only."""
         step = int(step)
         series = observations_for(self.model).series
         values = [float(v) for v in values]
         for tag, value in zip(tags, values):
             series[tag].append((step, value))
-        if self.log_dir is not None:
+        if self.log_dir is not None and not written:
             self._pending.extend(zip(tags, values, [step] * len(values)))
+
+    def tap_writer(self):
+        """The summary writer for this diagnostic's tap to write in the step
+        (:class:`~gradlab.train_step.StepWrite`), or None without a ``log_dir``. The compiled step
+        captures it, so it is held while the tap is attached and released by :meth:`detach`."""
+        if self._tap_writer is None and self.log_dir is not None:
+            self._tap_writer = summaries.acquire_writer(self.log_dir)
+        return self._tap_writer
 
     def flush_scalars(self) -> None:
         """Write the queued scalars and histograms (see :meth:`scalar`)."""
@@ -431,6 +442,16 @@ class Diagnostic(keras.callbacks.Callback):
         if isinstance(model, GradlabModel):
             model.remove_tap(f"{type(self).__name__}@{id(self)}")
         self._tap_key = None
+        self.release_tap_writer()  # no compiled step holds it any more
+
+    def release_tap_writer(self) -> None:
+        """Release the writer of :meth:`tap_writer` without detaching the tap (no change to the
+        model, so no variable is made: under a multi-worker strategy that would be a collective
+        op the other workers must match). Its compiled step must not run again afterwards; for
+        the end of a run whose model is done training (:meth:`detach` does both)."""
+        if self._tap_writer is not None:
+            self._tap_writer = None
+            summaries.release_writer(self.log_dir)
 
     def _compiled_probe(self, options: dict):
         """:meth:`probe` with ``options``, compiled once per model and set of options."""
@@ -462,6 +483,8 @@ class Diagnostic(keras.callbacks.Callback):
             # detach() removes it.
         self.flush_scalars()
         self._in_fit = False
+        if self._tap_writer is not None:  # what the step wrote (held open for the attached tap)
+            self._tap_writer.flush()
         if self._writer is not None:
             summaries.release_writer(self.log_dir)
             self._writer = None

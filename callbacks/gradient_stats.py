@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from gradlab import summaries
 from gradlab.callbacks.base import Diagnostic, probe_loss, register
-from gradlab.train_step import Tap, TapVector, lazy_cond
+from gradlab.train_step import StepWrite, Tap, TapVector, lazy_cond
 
 STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
 
@@ -195,6 +195,12 @@ class GradientStats(Diagnostic):
 
         def on_due(inp):
             out = {"@logits/norm": tf.norm(inp.logits_grad)}
+            # The layer and global norms, from the squared norms the step has (in Python they
+            # would be summed from the rounded per-variable norms).
+            layer_sq = tf.math.unsorted_segment_sum(inp.squared_norm_vector, layer_of, len(layers))
+            out.update((f"@layer_norm/{layer}", value)
+                       for layer, value in zip(layers, tf.unstack(tf.sqrt(layer_sq), num=len(layers))))
+            out["@global_norm"] = tf.sqrt(tf.reduce_sum(layer_sq))
             # Each statistic for all variables as one vector (stacked_variable_stats), then one
             # scalar output per variable and statistic.
             stats = stacked_variable_stats(inp.grads, inp.squared_norm_vector)
@@ -215,19 +221,33 @@ class GradientStats(Diagnostic):
                     lambda: tf.zeros(shape, tf.float32))
             return out
 
-        return Tap(every_step=every_step, on_due=on_due, every=self.every, needs_updates=True)
+        step_write = None
+        writer = self.tap_writer()
+        if writer is not None:  # the due step writes its scalars itself, where it can (StepWrite)
+            due_tags = {"@logits/norm": "gradients/logits/norm", "@global_norm": "gradients/global_norm"}
+            due_tags.update((f"@layer_norm/{layer}", summaries.tag("gradients", layer, "layer_norm")) for layer in layers)
+            stats = [*STATS, "update_ratio"]
+            due_tags.update((f"{layer}/{var}/{stat}", summaries.tag("gradients", layer, var, stat))
+                            for layer, var in names for stat in stats)
+            step_write = StepWrite(writer, due_tags, tuple(self._window_tags(window_names)))
+        return Tap(every_step=every_step, on_due=on_due, every=self.every, needs_updates=True, step_write=step_write)
+
+    def _window_tags(self, names):
+        """``(name, stat, tag)`` of the window scalars written with each due step."""
+        for name in names:
+            yield name, "max", self._tag(f"@window/{name}", "gradients", name, "window_max")
+            if name == "global_norm":
+                yield name, "mean", "gradients/global_norm/window_mean"
 
     def write_tap(self, step, values):
         if values["due"]:
-            self._write_stats(values["due_step"], values["due"])
+            self._write_stats(values["due_step"], values["due"], written=values.get("due_written_in_step", False))
+        window = values["window"]  # every step since the previous write
         tags, out = [], []
-        for name, w in values["window"].items():  # every step since the previous write
-            tags.append(self._tag(f"@window/{name}", "gradients", name, "window_max"))
-            out.append(w["max"])
-            if name == "global_norm":
-                tags.append("gradients/global_norm/window_mean")
-                out.append(w["mean"])
-        self.scalars(tags, out, step)
+        for name, stat, tag in self._window_tags(window):
+            tags.append(tag)
+            out.append(window[name][stat])
+        self.scalars(tags, out, step, written=values.get("window_written_in_step", False))
 
     def _tag(self, key: str, *parts: str):
         """``summaries.tag(*parts)``, worked out once per ``key``."""
@@ -236,12 +256,14 @@ class GradientStats(Diagnostic):
             tag = self._tags[key] = summaries.tag(*parts)
         return tag
 
-    def _write_stats(self, step: int, due: dict) -> None:
-        """Write one due step's statistics.
+    def _write_stats(self, step: int, due: dict, written: bool = False) -> None:
+        """Write one due step's statistics (``written``: the step wrote the scalars already;
+        publish them to the observations only).
 
         ``due`` maps ``layer/var/stat`` to a value, ``@histograms`` to the gradients' histogram
-        buckets (``[variables, k, 3]``, in variable order) and ``@logits/norm`` to the
-        logits-gradient norm.
+        buckets (``[variables, k, 3]``, in variable order), ``@logits/norm`` to the
+        logits-gradient norm and, from the step, ``@layer_norm/<layer>`` and ``@global_norm``
+        (else they are worked out here from the per-variable norms).
         """
         hist_due = self.histogram_every > 0 and step % self.histogram_every == 0
         layer_sq: dict[str, float] = {}
@@ -257,6 +279,10 @@ class GradientStats(Diagnostic):
             if entry is None:  # tag and layer of a key, worked out once
                 if key == "@logits/norm":
                     entry = stats[key] = ("gradients/logits/norm", None)
+                elif key == "@global_norm":
+                    entry = stats[key] = ("gradients/global_norm", None)
+                elif key.startswith("@layer_norm/"):
+                    entry = stats[key] = (summaries.tag("gradients", key[len("@layer_norm/"):], "layer_norm"), None)
                 else:
                     layer, var, stat = key.rsplit("/", 2)
                     entry = stats[key] = (summaries.tag("gradients", layer, var, stat), layer if stat == "norm" else None)
@@ -266,12 +292,13 @@ class GradientStats(Diagnostic):
             out.append(value)
             if norm_of is not None:
                 layer_sq[norm_of] = layer_sq.get(norm_of, 0.0) + value * value
-        for layer, sq in layer_sq.items():
-            tags.append(self._tag(f"@layer_norm/{layer}", "gradients", layer, "layer_norm"))
-            out.append(float(np.sqrt(sq)))
-        tags.append("gradients/global_norm")
-        out.append(float(np.sqrt(sum(layer_sq.values()))))
-        self.scalars(tags, out, step)
+        if "@global_norm" not in due:  # (the probe channel)
+            for layer, sq in layer_sq.items():
+                tags.append(self._tag(f"@layer_norm/{layer}", "gradients", layer, "layer_norm"))
+                out.append(float(np.sqrt(sq)))
+            tags.append("gradients/global_norm")
+            out.append(float(np.sqrt(sum(layer_sq.values()))))
+        self.scalars(tags, out, step, written=written)
 
     # ---- probe channel (any Keras model)
     def on_train_batch_begin(self, batch, logs=None):

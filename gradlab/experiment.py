@@ -444,6 +444,7 @@ def _run(config, overrides, *, run_dir, resume, verbose, quiet, held: contextlib
             distribute.raise_if_worker_lost(err, strategy, path if chief else path or work_dir,
                                             int(model.optimizer.iterations.numpy()) if chief else None)
             raise
+        resume_mod.release_step_writers(callbacks)  # the run's training is over: their event files close
         metrics = _final_metrics(model, data)
         metrics["steps"] = int(model.optimizer.iterations.numpy())
         # Whole epochs of steps trained: Keras also logs an epoch that a stop (NaN guard) cut short.

@@ -317,6 +317,16 @@ def flush_writers(callbacks) -> None:
         w.flush()
 
 
+def release_step_writers(callbacks) -> None:
+    """Release the summary writers that diagnostics hold for their compiled step to write with
+    (``StepWrite``): after a run, nothing may keep its event files open. The model is done
+    training, so its taps stay as they are (see ``Diagnostic.release_tap_writer``)."""
+    for cb in callbacks:
+        release = getattr(cb, "release_tap_writer", None)
+        if callable(release):
+            release()
+
+
 def release_writers(callbacks) -> None:
     """After a run ended by an exception (no ``on_train_end``): flush and release the summary
     writers its callbacks hold, as ``on_train_end`` would, without writing anything more.
@@ -329,6 +339,9 @@ def release_writers(callbacks) -> None:
 
     for cb in callbacks:
         try:
+            release = getattr(cb, "release_tap_writer", None)
+            if callable(release):
+                release()  # the writer its compiled step captured
             if getattr(cb, "_writer", None) is not None and getattr(cb, "log_dir", None) is not None:
                 summaries.release_writer(cb.log_dir)  # flushes; closes with its last user
                 cb._writer = None

@@ -18,7 +18,9 @@ A tap (:class:`Tap`) is a pair of pure tensor functions of :class:`TapInputs`:
   due step's window is exactly the steps since the previous due step, also with
   ``steps_per_execution > 1``.
 
-Both must be XLA-safe: no summary ops, no Python side effects, no variable creation.
+Both must be XLA-safe: no summary ops, no Python side effects, no variable creation. (A tap
+can still have its due step write scalars to TensorBoard: :class:`StepWrite` names them, and the
+step writes them where it can.)
 The Python side (a callback) takes a due step's outputs and window with
 :meth:`GradlabModel.read_due` (with one replica they come with the execution's results: no
 variable read) and the live window with :meth:`GradlabModel.read_tap` (which also resets it:
@@ -53,6 +55,8 @@ from typing import Callable, Mapping
 import keras
 import numpy as np
 import tensorflow as tf
+
+from gradlab import summaries
 
 
 @dataclasses.dataclass
@@ -164,6 +168,32 @@ class Tap:
     #: (:attr:`TapInputs.overflow`). By default a tap's window and due outputs leave them out:
     #: their gradients are Inf/NaN by construction of the scale, not a property of the model.
     sees_overflow_steps: bool = False
+    #: Scalars the step writes to TensorBoard itself at each due step (:class:`StepWrite`), in
+    #: the compiled graph, where the step allows it (see :class:`StepWrite`).
+    step_write: "StepWrite | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWrite:
+    """What a tap's due step writes to TensorBoard from inside the compiled step.
+
+    * ``writer``: a ``tf.summary`` file writer (it must stay open while the tap is attached: the
+      compiled step captures it);
+    * ``due``: ``{due output name: tag}`` for scalar ``on_due`` outputs;
+    * ``window``: ``(every_step name, stat, tag)`` with ``stat`` one of ``last, mean, max, min``,
+      from the window captured at the due step (the steps since the previous due step).
+
+    All of them go out as one ``Summary`` at the due step
+    (:func:`gradlab.summaries.write_scalars_in_graph`), with no Python after the step. This
+    happens only where the step can do it: one replica, no ``tf.distribute`` strategy, not
+    compiled with XLA. Elsewhere nothing is written in the step and the callback writes as usual:
+    :meth:`GradlabModel.read_due` says which (``"due_written_in_step"``,
+    ``"window_written_in_step"``).
+    """
+
+    writer: object
+    due: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    window: tuple = ()
 
 
 def lazy_cond(pred, true_fn: Callable, false_fn: Callable):
@@ -419,6 +449,8 @@ class _TapState:
         self.consumed = -1  # the last due step handed to Python (read_due / read_tap)
         self.variable_ids: tuple = ()  # the trainable variables it was made for (register_tap)
         self.signal_index: int | None = None  # set by GradlabModel._layout_window
+        # Whether the full step, as last traced, writes the tap's StepWrite itself (train_step).
+        self.writes_in_step = False
         self._read_fns: dict = {}
 
     @property
@@ -513,6 +545,8 @@ class GradlabModel(keras.Model):
                 if tf.convert_to_tensor(value).shape.rank != 0:
                     raise ValueError(f"tap {key!r}: every_step output {name!r} must be a scalar")
         due = {name: tf.convert_to_tensor(v).shape for name, v in (tap.on_due(probe).items() if tap.on_due else ())}
+        if tap.step_write is not None:
+            _check_step_write(key, tap.step_write, window, due)
         strategy = self.distribute_strategy
         with strategy.scope():
             self._gradlab_taps.pop(key, None)  # a replaced tap starts a new window
@@ -617,7 +651,9 @@ class GradlabModel(keras.Model):
         """Read a tap's live window (numpy) and, by default, start a new one.
 
         Returns ``{"count": steps in window, "window": {name: {last, mean, max, min}},
-        "due_step": step of the due outputs or -1, "due": {name: array}}``. For a tap with due
+        "due_step": step of the due outputs or -1, "due": {name: array}, "due_written_in_step":
+        bool, "window_written_in_step": bool}`` (the last two: whether the step wrote the tap's
+        :class:`StepWrite` scalars of these due outputs / of this window itself). For a tap with due
         outputs, ``due`` holds the last due step's outputs if :meth:`read_due` has not handed
         them out yet (else it is empty and ``due_step`` -1), and the window is the steps after
         that due step.
@@ -633,6 +669,8 @@ class GradlabModel(keras.Model):
         if due_step <= state.consumed:
             due_step = -1
         values = self._tap_values(state, columns.numpy(), due_step, due_scalars, due_values)
+        # the due outputs (not this live window) were written by the step that made them
+        values["due_written_in_step"] = due_step >= 0 and state.writes_in_step
         if reset:
             state.reset_at = self._gradlab_window_holder.executions
             state.consumed = -1  # the step reset its due outputs too
@@ -657,9 +695,12 @@ class GradlabModel(keras.Model):
             due_step, due_scalars, captured, due_values = self._tap_due_fn(state)()
         due_step = int(due_step.numpy())
         if due_step < 0 or due_step <= state.consumed:
-            return {"count": 0, "window": {}, "due_step": -1, "due": {}}
+            return {"count": 0, "window": {}, "due_step": -1, "due": {},
+                    "due_written_in_step": False, "window_written_in_step": False}
         state.consumed = due_step
-        return self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values)
+        values = self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values)
+        values["due_written_in_step"] = values["window_written_in_step"] = state.writes_in_step
+        return values
 
     def _returned(self, name: str, state: _TapState):
         """What the last execution returned under ``name`` (``_SIGNALS`` or ``_DUE``), or None when
@@ -682,7 +723,8 @@ class GradlabModel(keras.Model):
         if due_step >= 0:
             due = dict(zip(state.due_scalar_names, due_scalars.numpy()))
             due.update((name, value.numpy()) for name, value in due_values.items())
-        return {"count": count, "window": window, "due_step": due_step, "due": due}
+        return {"count": count, "window": window, "due_step": due_step, "due": due,
+                "due_written_in_step": False, "window_written_in_step": False}
 
     def peek_tap(self, key: str, name: str, stat: str = "max") -> float:
         """One window statistic (``last``, ``max`` or ``min``) of ``every_step`` output ``name``, without reset.
@@ -698,10 +740,12 @@ class GradlabModel(keras.Model):
         row = ("last", "sum", "max", "min").index(stat)
         return float(self._gradlab_window.value().numpy()[row, index])
 
-    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool, plain: bool = False):
+    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool, plain: bool = False,
+                  write_in_step: bool = False):
         """Run every tap; returns the window maxima of the taps' signals (or None) and, with
         ``return_due``, each due tap's ``(due_step, due_scalars, captured window, {name: value})``.
-        ``due_at(every)`` is the step's ``step % every == 0``. ``plain``: no tap is due (no due-step work)."""
+        ``due_at(every)`` is the step's ``step % every == 0``. ``plain``: no tap is due (no due-step work).
+        ``write_in_step``: the step may write the taps' :class:`StepWrite` scalars itself."""
         states = list(self._gradlab_taps.values())
         window = self._gradlab_window
         signals = new = None
@@ -755,16 +799,27 @@ class GradlabModel(keras.Model):
         for state in states:
             tap = state.tap
             if state.has_due and not plain:
+                # (set at each trace of the full step; read_due reports it)
+                state.writes_in_step = tap.step_write is not None and write_in_step
                 def write_due(state=state, tap=tap):
                     # A shallow copy: what the branch computes first (e.g. squared_norms) is cached
                     # on the copy, never on the step's inputs, whose tensors live outside the branch.
                     out = tap.on_due(copy.copy(inputs))
+                    scalars = None
                     if state.due_scalar_names:
-                        state.due_scalars.assign(tf.stack([_float32_scalar(out[name]) for name in state.due_scalar_names]))
+                        scalars = tf.stack([_float32_scalar(out[name]) for name in state.due_scalar_names])
+                        state.due_scalars.assign(scalars)
                     for name, var in state.due.items():
                         var.assign(tf.cast(tf.reshape(out[name], var.shape), tf.float32))
+                    # A step already written is not written again: the count stands still while
+                    # an optimizer accumulates gradients (read_due hands such a step out once too).
+                    new_step = tf.not_equal(state.due_step.value(), inputs.step) if state.writes_in_step else None
                     state.due_step.assign(inputs.step)
-                    state.captured.assign(new[:, state.lo:state.hi])
+                    captured = new[:, state.lo:state.hi]
+                    state.captured.assign(captured)
+                    if state.writes_in_step:
+                        tags, values = _step_write_values(state, scalars, captured)
+                        summaries.write_scalars_in_graph(tap.step_write.writer, inputs.step, tags, values, when=new_step)
                     return tf.constant(True)
 
                 _when([due_now[id(state)]], write_due, lazy_cond)
@@ -904,7 +959,10 @@ class GradlabModel(keras.Model):
                 inputs.weights_before = list(before)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 inputs.overflow = tf.logical_not(tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
-            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1 and not plain, plain=plain)
+            # A summary op in the step: not under XLA, and not per replica (each would write).
+            write_in_step = replicas == 1 and not tf.distribute.has_strategy() and not self.jit_compile
+            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1 and not plain, plain=plain,
+                                          write_in_step=write_in_step)
         logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
         if replicas == 1:  # with several replicas Keras would reduce them: they are read from the variables
             if due is not None:
@@ -1178,6 +1236,47 @@ class GradlabModel(keras.Model):
 _SIGNALS = "_gradlab_tap_signals"
 _DUE = "_gradlab_tap_due"
 _STEP_AND_SIGNALS = "_gradlab_step_and_signals"  # [next step, *window maxima of the signals]
+
+
+def _check_step_write(key: str, write: StepWrite, window: list[str], due: dict) -> None:
+    """Raise ValueError if ``write`` names a due output that is not a scalar ``on_due`` output,
+    an ``every_step`` output the tap does not have, or an unknown window statistic."""
+    if not due:
+        raise ValueError(f"tap {key!r}: step_write is written at due steps, and the tap has no on_due outputs")
+    if getattr(write.writer, "_resource", None) is None:
+        raise ValueError(f"tap {key!r}: its step_write needs a tf.summary file writer "
+                         f"(tf.summary.create_file_writer), got {type(write.writer).__name__}")
+    for name in write.due:
+        if name not in due or due[name].rank != 0:
+            raise ValueError(f"tap {key!r}: step_write due output {name!r} is not a scalar on_due output "
+                             f"(scalar outputs: {[n for n, shape in due.items() if shape.rank == 0]})")
+    for entry in write.window:
+        name, stat, _ = entry
+        if name not in window:
+            raise ValueError(f"tap {key!r}: step_write window output {name!r} is not one of its every_step outputs {window}")
+        if stat not in _WINDOW_STATS:
+            raise ValueError(f"tap {key!r}: step_write window statistic {stat!r} must be one of {', '.join(_WINDOW_STATS)}")
+
+
+def _step_write_values(state: _TapState, scalars, captured) -> tuple[list[str], tf.Tensor]:
+    """The tags of ``state.tap.step_write`` and their values (float32) at a due step, from the
+    stacked due scalars and the captured window columns (rows last, sum, max, min; the last
+    column counts the steps)."""
+    write = state.tap.step_write
+    tags, parts = [], []
+    if write.due:
+        parts.append(tf.gather(scalars, [state.due_scalar_names.index(name) for name in write.due]))
+        tags += list(write.due.values())
+    if write.window:
+        width = len(state.window_names) + 1
+        rows = tf.stack([captured[0], captured[1] / tf.maximum(captured[1, -1], 1.0), captured[2], captured[3]])
+        index = [_WINDOW_STATS.index(stat) * width + state.window_names.index(name) for name, stat, _ in write.window]
+        parts.append(tf.cast(tf.gather(tf.reshape(rows, [-1]), index), tf.float32))
+        tags += [tag for _, _, tag in write.window]
+    return tags, parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+
+
+_WINDOW_STATS = ("last", "mean", "max", "min")
 
 
 def _when(preds: list, fn: Callable, cond: Callable) -> None:

@@ -3,6 +3,8 @@ a spike between writes with steps_per_execution > 1, and the exact tag set of a 
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -339,3 +341,137 @@ def test_taps_stay_attached_between_fits_without_retracing():
     assert [s for s, _ in observations_for(model).series["gradients/global_norm"]] == [0, 2]
     stats.detach()
     assert model.tap_keys == []
+
+
+# ---- statistics written by the compiled step itself (StepWrite) ---------------------------------
+
+def _mlp_and_data(seed=0):
+    from gradlab.config import ModelConfig
+    from gradlab.losses import make_loss
+    from gradlab.models import build_model
+
+    model = build_model(ModelConfig(kind="mlp", hidden=[5, 4], activation="tanh"), features=3, classes=3, seed=seed)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=make_loss("cross_entropy"))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = (np.arange(40) % 3).astype(np.int32)
+    return model, x, y
+
+
+def _fit_gradient_stats(log_dir, in_step: bool, jit_compile=False):
+    model, x, y = _mlp_and_data()
+    if jit_compile:
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss, jit_compile=True)
+    stats = GradientStats(log_dir=str(log_dir), every=2, histogram_every=0)
+    if not in_step:
+        stats.tap_writer = lambda: None  # the callback's own write path
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[stats])
+    state = model._gradlab_taps[stats._tap_key]
+    return model, stats, state.writes_in_step
+
+
+def test_step_writes_the_same_events_as_the_callback(tmp_path):
+    """The step's own write and the callback's write give the same tags, steps and values (the
+    layer and global norms to float32 rounding: the step sums squared norms, Python norms), and
+    the observations Health reads are the values written."""
+    model_a, stats_a, in_step = _fit_gradient_stats(tmp_path / "step", in_step=True)
+    model_b, _, python_side = _fit_gradient_stats(tmp_path / "callback", in_step=False)
+    assert in_step and not python_side
+    a, b = read_scalars(tmp_path / "step"), read_scalars(tmp_path / "callback")
+    assert set(a) == set(b) and "gradients/global_norm/window_mean" in a
+    for tag in b:
+        assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
+        np.testing.assert_allclose([v for _, v in a[tag]], [v for _, v in b[tag]], rtol=2e-6, atol=1e-9, err_msg=tag)
+    # each event once (10 steps: due at 0, 2, .., 8; the end of training adds step 9's window)
+    assert [s for s, _ in a["gradients/global_norm"]] == [0, 2, 4, 6, 8]
+    assert [s for s, _ in a["gradients/global_norm/window_max"]] == [0, 2, 4, 6, 8, 9]
+    series = observations_for(model_a).series
+    for tag, points in a.items():
+        np.testing.assert_allclose([v for _, v in points], np.float32([v for _, v in series[tag]]), rtol=0, err_msg=tag)
+    stats_a.detach()
+
+
+@pytest.fixture
+def no_op_determinism():
+    """Keras compiles nothing with XLA while op determinism is on, and a gradlab run earlier in
+    this process turns it on (process-wide): off for the test, restored after."""
+    from tensorflow.python.framework import config
+
+    was = config.is_op_determinism_enabled()
+    config.disable_op_determinism()
+    yield
+    if was:
+        config.enable_op_determinism()
+
+
+def test_step_write_falls_back_to_the_callback_under_xla(tmp_path, no_op_determinism):
+    model, stats, in_step = _fit_gradient_stats(tmp_path, in_step=True, jit_compile=True)
+    assert model.jit_compile and not in_step  # no summary op in an XLA step: the callback writes
+    assert [s for s, _ in read_scalars(tmp_path)["gradients/global_norm"]] == [0, 2, 4, 6, 8]
+    stats.detach()
+
+
+def test_step_writer_is_held_while_the_tap_is_attached(tmp_path):
+    """The compiled step captured the writer: a fit without the callback still finds it open
+    (and goes on writing), and detach() releases it."""
+    from gradlab import summaries
+
+    model, stats, _ = _fit_gradient_stats(tmp_path, in_step=True)
+    key = str(tmp_path.resolve())
+    assert key in summaries._writers  # held by the tap, after on_train_end released the callback's
+    x, y = _mlp_and_data()[1:]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)  # no callback: the tap still runs
+    stats.detach()
+    assert key not in summaries._writers and model.tap_keys == []
+    assert [s for s, _ in read_scalars(tmp_path)["gradients/global_norm"]] == [0, 2, 4, 6, 8, 10, 12, 14]
+
+
+def test_step_write_names_are_checked_at_registration():
+    from gradlab.train_step import StepWrite, Tap, TapVector
+
+    model, _, _ = _mlp_and_data()
+    writer = tf.summary.create_file_writer(tempfile_dir())
+    every = lambda inp: TapVector(["a"], tf.ones([1]))  # noqa: E731
+    due = lambda inp: {"s": tf.constant(1.0), "v": tf.ones([2])}  # noqa: E731
+    cases = [(StepWrite(writer, {"nope": "t"}), "due output 'nope' is not a scalar"),
+             (StepWrite(writer, {"v": "t"}), "due output 'v' is not a scalar"),
+             (StepWrite(writer, {}, (("b", "max", "t"),)), "window output 'b' is not one of"),
+             (StepWrite(writer, {}, (("a", "median", "t"),)), "statistic 'median' must be one of"),
+             (StepWrite(object(), {"s": "t"}), "needs a tf.summary file writer")]
+    for write, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.register_tap("t", Tap(every_step=every, on_due=due, every=2, step_write=write))
+    with pytest.raises(ValueError, match="no on_due outputs"):
+        model.register_tap("t", Tap(every_step=every, every=2, step_write=StepWrite(writer, {})))
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="gradlab-test-")
+
+
+def test_a_run_leaves_no_event_file_open(tmp_path):
+    """The step wrote gradient_stats' scalars (the writer was held for it), and the run released
+    that writer when training ended."""
+    from gradlab import summaries
+
+    cfg = {"name": "open", "seed": 0, "data": {"name": "iris", "batch_size": 30},
+           "model": {"kind": "mlp", "hidden": [4]}, "train": {"epochs": 1},
+           "diagnostics": [{"type": "gradient_stats", "every": 2, "histogram_every": 0}]}
+    held = []
+    acquire = summaries.acquire_writer
+
+    def watch(log_dir):
+        held.append(os.path.abspath(log_dir))
+        return acquire(log_dir)
+
+    summaries.acquire_writer = watch
+    try:
+        result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    finally:
+        summaries.acquire_writer = acquire
+    train = os.path.abspath(result.run_dir / "train")
+    assert train in held and train not in summaries._writers
+    steps = [s for s, _ in read_scalars(result.run_dir, "train")["gradients/global_norm"]]
+    assert steps and steps == list(range(0, 2 * len(steps), 2))
