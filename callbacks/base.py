@@ -270,7 +270,7 @@ class Diagnostic(keras.callbacks.Callback):
     def tap_writer(self):
         """The summary writer for this diagnostic's tap to write in the step
         (:class:`~gradlab.train_step.StepWrite`), or None without a ``log_dir``. The compiled step
-        captures it, so it is held while the tap is attached and released by :meth:`detach`."""
+        captures it, so it is held until :meth:`detach` or :meth:`release_tap_writer`."""
         if self._tap_writer is None and self.log_dir is not None:
             self._tap_writer = summaries.acquire_writer(self.log_dir)
         return self._tap_writer
@@ -398,9 +398,9 @@ class Diagnostic(keras.callbacks.Callback):
         model = self.model
         self._tap_key = None
         if isinstance(model, GradlabModel) and self.uses_tap:
-            key = f"{type(self).__name__}@{id(self)}"
-            if key in model.tap_keys and model.tap_is_current(key):  # attached by an earlier fit: no retrace
-                self._tap_key = key
+            key = self._tap_key_for()
+            if key in model.tap_keys and model.tap_is_current(key) and self._step_writer_current(model, key):
+                self._tap_key = key  # attached by an earlier fit: no retrace
                 model.read_tap(key)  # start a fresh window
             else:
                 tap = self.make_tap(model)
@@ -408,6 +408,8 @@ class Diagnostic(keras.callbacks.Callback):
                     self._tap_key = key
                     model.register_tap(key, tap)
                     model.make_train_function(force=True)
+            if self._tap_key is not None:
+                model.arm_step_write(key, True)  # the step writes its StepWrite during this fit only
         if self.wants_probe(model):
             self._probe_batch = self.probe_batch()
             if self._probe_fn is None or self._probe_model is not model:  # compiled once per model
@@ -418,6 +420,16 @@ class Diagnostic(keras.callbacks.Callback):
             # model starting where the last one ended (which probed it) would write it twice.
             if self._last_step % self.every == 0 and self._probed != (id(model), self._last_step):
                 self._run_probe(self._last_step)
+
+    def _tap_key_for(self) -> str:
+        return f"{type(self).__name__}@{id(self)}"
+
+    def _step_writer_current(self, model, key: str) -> bool:
+        """Whether tap ``key``'s compiled step writes (if at all) with the writer this diagnostic
+        holds now: one released and closed since is replaced by a new one, and the tap is made
+        again."""
+        write = model.tap_step_write(key)
+        return write is None or write.writer is self.tap_writer()
 
     def on_train_batch_end(self, batch, logs=None):
         now = self.steps_done(batch)
@@ -440,15 +452,20 @@ class Diagnostic(keras.callbacks.Callback):
         """Remove this diagnostic's tap from its model (taps stay attached between ``fit`` calls)."""
         model = getattr(self, "model", None)
         if isinstance(model, GradlabModel):
-            model.remove_tap(f"{type(self).__name__}@{id(self)}")
+            model.remove_tap(self._tap_key_for())
         self._tap_key = None
-        self.release_tap_writer()  # no compiled step holds it any more
+        self.release_tap_writer()
 
     def release_tap_writer(self) -> None:
-        """Release the writer of :meth:`tap_writer` without detaching the tap (no change to the
-        model, so no variable is made: under a multi-worker strategy that would be a collective
-        op the other workers must match). Its compiled step must not run again afterwards; for
-        the end of a run whose model is done training (:meth:`detach` does both)."""
+        """Release the writer of :meth:`tap_writer`, keeping the tap attached. Taps write with it
+        only during the fits this diagnostic is part of (it disarms them at the end of each, and
+        here), so a closed writer is never used; the next fit with this diagnostic makes its tap
+        again with a writer of its own. No change to the model's variables (under a multi-worker
+        strategy, making one is a collective op the other workers must match): what a run does
+        when training ends or fails."""
+        model = getattr(self, "model", None)
+        if isinstance(model, GradlabModel):
+            model.arm_step_write(self._tap_key_for(), False)
         if self._tap_writer is not None:
             self._tap_writer = None
             summaries.release_writer(self.log_dir)
@@ -478,9 +495,12 @@ class Diagnostic(keras.callbacks.Callback):
             # the last step it holds, so that no step goes unseen at the end of training either.
             values = self.model.read_tap(self._tap_key)
             if values["count"] > 0:
-                self.write_tap(values["due_step"] if values["due_step"] >= 0 else max(self._last_step - 1, 0), values)
+                # (a due step the step wrote itself has its own window there already)
+                labelled = values["due_step"] >= 0 and not values["due_written_in_step"]
+                self.write_tap(values["due_step"] if labelled else max(self._last_step - 1, 0), values)
             # The tap stays attached, so another fit with this callback does not retrace the step;
-            # detach() removes it.
+            # detach() removes it. Its step writes nothing until then.
+            self.model.arm_step_write(self._tap_key, False)
         self.flush_scalars()
         self._in_fit = False
         if self._tap_writer is not None:  # what the step wrote (held open for the attached tap)

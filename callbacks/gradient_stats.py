@@ -222,7 +222,7 @@ class GradientStats(Diagnostic):
             return out
 
         step_write = None
-        writer = self.tap_writer()
+        writer = self.tap_writer() if model.step_writes_supported else None
         if writer is not None:  # the due step writes its scalars itself, where it can (StepWrite)
             due_tags = {"@logits/norm": "gradients/logits/norm", "@global_norm": "gradients/global_norm"}
             due_tags.update((f"@layer_norm/{layer}", summaries.tag("gradients", layer, "layer_norm")) for layer in layers)

@@ -275,7 +275,7 @@ def write_events(writer, scalars=(), histograms=()) -> None:
                                         tensor=tf.constant(b"".join(parts), tf.string))  # (dtype given: ~15 us less)
 
 
-def write_scalars_in_graph(writer, step, tags, values, when=None) -> None:
+def write_scalars_in_graph(writer, step, tags, values) -> None:
     """Write ``values[i]`` (a float32 vector, static length ``len(tags)``) as scalar ``tags[i]`` at
     ``step``, from inside a compiled function: the op :func:`write_events` runs in Python, here
     part of the graph, so a step that writes its own statistics spends no Python on them.
@@ -287,8 +287,8 @@ def write_scalars_in_graph(writer, step, tags, values, when=None) -> None:
     every platform TensorFlow ships for). The events are byte for byte those of
     :func:`write_events` (and ``tf.summary.scalar``'s values). ``writer`` needs a resource handle
     (``tf.summary.create_file_writer``); the compiled function captures it, so it must outlive
-    the function. Not XLA-compilable (string ops, a summary op). ``when``: a boolean tensor;
-    false writes nothing (the op gets an empty batch of summaries: no branch needed).
+    the function, or at least every execution of the op (put it in a branch not taken once the
+    writer is closed). Not XLA-compilable (string ops, a summary op).
     """
     import tensorflow as tf
 
@@ -299,8 +299,6 @@ def write_scalars_in_graph(writer, step, tags, values, when=None) -> None:
     raw = tf.strings.substr(data, tf.strings.length(data) - 4 * k + tf.range(0, 4 * k, 4), tf.fill([k], 4))
     prefixes = tf.constant([_scalar_prefix(t) for t in tags], tf.string)
     summary = tf.strings.reduce_join(tf.strings.join([prefixes, raw]))
-    if when is not None:  # one event per element of the op's input: one, or none
-        summary = tf.reshape(summary, [1])[:tf.cast(when, tf.int32)]
     tf.raw_ops.WriteRawProtoSummary(writer=writer._resource, step=tf.cast(step, tf.int64), tensor=summary)
 
 

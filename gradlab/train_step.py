@@ -186,9 +186,11 @@ class StepWrite:
     All of them go out as one ``Summary`` at the due step
     (:func:`gradlab.summaries.write_scalars_in_graph`), with no Python after the step. This
     happens only where the step can do it: one replica, no ``tf.distribute`` strategy, not
-    compiled with XLA. Elsewhere nothing is written in the step and the callback writes as usual:
-    :meth:`GradlabModel.read_due` says which (``"due_written_in_step"``,
-    ``"window_written_in_step"``).
+    compiled with XLA (:attr:`GradlabModel.step_writes_supported`), and while the tap is armed
+    (:meth:`GradlabModel.arm_step_write`: a :class:`~gradlab.callbacks.Diagnostic` arms its tap
+    for the fits it is part of, so a later fit without it writes nothing). Elsewhere nothing is
+    written in the step and the callback writes as usual: :meth:`GradlabModel.read_due` says
+    which (``"due_written_in_step"``, ``"window_written_in_step"``).
     """
 
     writer: object
@@ -451,6 +453,10 @@ class _TapState:
         self.signal_index: int | None = None  # set by GradlabModel._layout_window
         # Whether the full step, as last traced, writes the tap's StepWrite itself (train_step).
         self.writes_in_step = False
+        # Whether it does so now: set by GradlabModel.arm_step_write (a diagnostic arms it for the
+        # fits it is part of). Made by register_tap where the step can write at all.
+        self.step_write_armed = None
+        self.armed = False  # its value, as last set
         self._read_fns: dict = {}
 
     @property
@@ -552,8 +558,32 @@ class GradlabModel(keras.Model):
             self._gradlab_taps.pop(key, None)  # a replaced tap starts a new window
             self._gradlab_taps[key] = _TapState(tap, window, due)
             self._gradlab_taps[key].variable_ids = tuple(id(v) for v in variables)
+        if tap.step_write is not None and self.step_writes_supported:
+            # (no strategy here, so the variable is no collective op other workers must match)
+            self._gradlab_taps[key].step_write_armed = tf.Variable(False, trainable=False)
         self._layout_window()
         self.train_function = None  # retrace with the new tap
+
+    @property
+    def step_writes_supported(self) -> bool:
+        """Whether the compiled step can write a tap's :class:`StepWrite` itself: no
+        ``tf.distribute`` strategy (each replica would write) and no XLA (no kernel for the
+        string and summary ops)."""
+        return self._distribute_strategy is None and not tf.distribute.has_strategy() and not self.jit_compile
+
+    def arm_step_write(self, key: str, armed: bool) -> None:
+        """Let tap ``key``'s step write its :class:`StepWrite` scalars (``armed``), or not. A
+        disarmed step does not touch the writer (its write sits in a branch not taken), so the
+        writer may be closed meanwhile. No-op for a tap whose step cannot write."""
+        state = self._gradlab_taps.get(key)
+        if state is not None and state.step_write_armed is not None:
+            state.step_write_armed.assign(armed)
+            state.armed = armed
+
+    def tap_step_write(self, key: str) -> "StepWrite | None":
+        """The :class:`StepWrite` tap ``key`` was registered with (None if none or no such tap)."""
+        state = self._gradlab_taps.get(key)
+        return None if state is None else state.tap.step_write
 
     def remove_tap(self, key: str) -> None:
         """Remove the tap ``key`` if present."""
@@ -670,7 +700,7 @@ class GradlabModel(keras.Model):
             due_step = -1
         values = self._tap_values(state, columns.numpy(), due_step, due_scalars, due_values)
         # the due outputs (not this live window) were written by the step that made them
-        values["due_written_in_step"] = due_step >= 0 and state.writes_in_step
+        values["due_written_in_step"] = due_step >= 0 and state.writes_in_step and state.armed
         if reset:
             state.reset_at = self._gradlab_window_holder.executions
             state.consumed = -1  # the step reset its due outputs too
@@ -699,7 +729,7 @@ class GradlabModel(keras.Model):
                     "due_written_in_step": False, "window_written_in_step": False}
         state.consumed = due_step
         values = self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values)
-        values["due_written_in_step"] = values["window_written_in_step"] = state.writes_in_step
+        values["due_written_in_step"] = values["window_written_in_step"] = state.writes_in_step and state.armed
         return values
 
     def _returned(self, name: str, state: _TapState):
@@ -800,7 +830,7 @@ class GradlabModel(keras.Model):
             tap = state.tap
             if state.has_due and not plain:
                 # (set at each trace of the full step; read_due reports it)
-                state.writes_in_step = tap.step_write is not None and write_in_step
+                state.writes_in_step = tap.step_write is not None and write_in_step and state.step_write_armed is not None
                 def write_due(state=state, tap=tap):
                     # A shallow copy: what the branch computes first (e.g. squared_norms) is cached
                     # on the copy, never on the step's inputs, whose tensors live outside the branch.
@@ -811,15 +841,24 @@ class GradlabModel(keras.Model):
                         state.due_scalars.assign(scalars)
                     for name, var in state.due.items():
                         var.assign(tf.cast(tf.reshape(out[name], var.shape), tf.float32))
-                    # A step already written is not written again: the count stands still while
-                    # an optimizer accumulates gradients (read_due hands such a step out once too).
-                    new_step = tf.not_equal(state.due_step.value(), inputs.step) if state.writes_in_step else None
+                    # Written when armed, and once per step: the count stands still while an
+                    # optimizer accumulates gradients (read_due hands such a step out once too).
+                    write_now = None
+                    if state.writes_in_step:
+                        write_now = tf.logical_and(state.step_write_armed.value(),
+                                                   tf.not_equal(state.due_step.value(), inputs.step))
                     state.due_step.assign(inputs.step)
                     captured = new[:, state.lo:state.hi]
                     state.captured.assign(captured)
                     if state.writes_in_step:
-                        tags, values = _step_write_values(state, scalars, captured)
-                        summaries.write_scalars_in_graph(tap.step_write.writer, inputs.step, tags, values, when=new_step)
+                        def write(state=state, scalars=scalars, captured=captured):
+                            tags, values = _step_write_values(state, scalars, captured)
+                            summaries.write_scalars_in_graph(state.tap.step_write.writer, inputs.step, tags, values)
+                            return tf.constant(True)
+
+                        # A plain (lowered) tf.cond: a few dead ops when not taken, and the writer
+                        # is not touched then (a disarmed tap's writer may be closed).
+                        tf.cond(write_now, write, lambda: tf.constant(False))
                     return tf.constant(True)
 
                 _when([due_now[id(state)]], write_due, lazy_cond)

@@ -412,18 +412,38 @@ def test_step_write_falls_back_to_the_callback_under_xla(tmp_path, no_op_determi
 
 
 def test_step_writer_is_held_while_the_tap_is_attached(tmp_path):
-    """The compiled step captured the writer: a fit without the callback still finds it open
-    (and goes on writing), and detach() releases it."""
+    """The compiled step captured the writer: it stays open after the fit, a fit without the
+    callback writes nothing with it (the tap is disarmed), and detach() releases it."""
     from gradlab import summaries
 
     model, stats, _ = _fit_gradient_stats(tmp_path, in_step=True)
     key = str(tmp_path.resolve())
     assert key in summaries._writers  # held by the tap, after on_train_end released the callback's
     x, y = _mlp_and_data()[1:]
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)  # no callback: the tap still runs
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)  # no callback: the tap runs, unarmed
     stats.detach()
     assert key not in summaries._writers and model.tap_keys == []
-    assert [s for s, _ in read_scalars(tmp_path)["gradients/global_norm"]] == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert [s for s, _ in read_scalars(tmp_path)["gradients/global_norm"]] == [0, 2, 4, 6, 8]
+
+
+def test_a_released_step_writer_is_replaced_at_the_next_fit(tmp_path):
+    """After release_tap_writer (what a run does at its end) the shared writer is closed; a fit
+    without the callback does not touch it, and the next fit with the callback makes its tap
+    again with a new writer and writes."""
+    from gradlab import summaries
+
+    model, stats, _ = _fit_gradient_stats(tmp_path, in_step=True)
+    old = model.tap_step_write(stats._tap_key).writer
+    stats.release_tap_writer()
+    assert str(tmp_path.resolve()) not in summaries._writers  # closed: its last user let it go
+    x, y = _mlp_and_data()[1:]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)  # would fail if it wrote with it
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[stats])
+    assert model.tap_step_write(stats._tap_key).writer is not old
+    assert model._gradlab_taps[stats._tap_key].writes_in_step
+    stats.detach()
+    steps = [s for s, _ in read_scalars(tmp_path)["gradients/global_norm"]]
+    assert steps == [0, 2, 4, 6, 8, 16, 18]  # steps 10-14: the fit without the callback
 
 
 def test_step_write_names_are_checked_at_registration():

@@ -171,8 +171,7 @@ def test_ctrl_c_stops_tensorboard_with_exit_status_130(sweep, tmp_path):
 
 def test_scalars_written_in_a_compiled_function_are_the_callbacks_events(tmp_path):
     """summaries.write_scalars_in_graph builds, in the graph, the same Summary bytes that
-    summaries.write_events builds in Python (NaN and negative values included); ``when`` false
-    writes nothing."""
+    summaries.write_events builds in Python (NaN and negative values included)."""
     import numpy as np
     import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
@@ -182,10 +181,8 @@ def test_scalars_written_in_a_compiled_function_are_the_callbacks_events(tmp_pat
     tags = ["gradients/dense/kernel/norm", "gradients/global_norm", "x/y"]
     values = np.array([1.5, -2.25, np.nan], np.float32)
     in_graph, in_python = summaries.acquire_writer(str(tmp_path / "a")), summaries.acquire_writer(str(tmp_path / "b"))
-    write = tf.function(lambda step, v, when: summaries.write_scalars_in_graph(in_graph, step, tags, v, when),
-                        autograph=False)
-    write(tf.constant(7, tf.int64), tf.constant(values), tf.constant(True))
-    write(tf.constant(8, tf.int64), tf.constant(values), tf.constant(False))  # writes nothing
+    tf.function(lambda step, v: summaries.write_scalars_in_graph(in_graph, step, tags, v), autograph=False)(
+        tf.constant(7, tf.int64), tf.constant(values))
     summaries.write_events(in_python, [(t, float(v), 7) for t, v in zip(tags, values)])
     summaries.release_writer(str(tmp_path / "a"))
     summaries.release_writer(str(tmp_path / "b"))
