@@ -196,7 +196,7 @@ class Diagnostic(keras.callbacks.Callback):
             raise ValueError("`probe_data` must be a pair (x, y)")
         self.probe_data = probe_data
         self._writer = None
-        self._tap_writer = None  # held while a tap that writes in the step is attached (tap_writer)
+        self._tap_writer = None  # held for a tap whose step writes (tap_writer), until detach or release_tap_writer
         self._in_fit = False  # between Keras's set_model (at the start of fit) and on_train_end
         self._pending: list[tuple[str, float, int]] = []
         self._pending_histograms: list[tuple[str, np.ndarray, int]] = []
