@@ -134,6 +134,31 @@ def _per_variable(names, stats: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             for (layer, var), value in zip(names, tf.unstack(vector, num=len(names)))}
 
 
+def _layer_norms(names, squared_norms: tf.Tensor) -> dict[str, tf.Tensor]:
+    """``{"@layer_norm/<layer>": ..., "@global_norm": ...}`` from the ``[len(names)]`` squared
+    norms of the variables ``names`` (``(layer, var)``): each layer's variables together, and all
+    of them (one segment sum; in float32, as the step has them)."""
+    layers = sorted({layer for layer, _ in names})
+    layer_sq = tf.math.unsorted_segment_sum(tf.cast(squared_norms, tf.float32),
+                                            [layers.index(layer) for layer, _ in names], len(layers))
+    out = {f"@layer_norm/{layer}": value for layer, value in zip(layers, tf.unstack(tf.sqrt(layer_sq), num=len(layers)))}
+    out["@global_norm"] = tf.sqrt(tf.reduce_sum(layer_sq))
+    return out
+
+
+def _due_tag(key: str) -> str:
+    """The tag of a due output key (``@logits/norm``, ``@global_norm``, ``@layer_norm/<layer>``,
+    ``<layer>/<var>/<stat>``)."""
+    if key == "@logits/norm":
+        return "gradients/logits/norm"
+    if key == "@global_norm":
+        return "gradients/global_norm"
+    if key.startswith("@layer_norm/"):
+        return summaries.tag("gradients", key[len("@layer_norm/"):], "layer_norm")
+    layer, var, stat = key.rsplit("/", 2)
+    return summaries.tag("gradients", layer, var, stat)
+
+
 def logits_of(output: tf.Tensor) -> tf.Tensor:
     """The logits behind a model output: the input of its final softmax/sigmoid when Keras kept
     it (``_keras_logits``, which Keras's cross-entropy also uses with ``from_logits=False``),
@@ -168,7 +193,7 @@ class GradientStats(Diagnostic):
             raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
         self.histogram_every = histogram_every
         self._before = None
-        self._stat_tags: dict[str, tuple] = {}  # due key -> (tag, layer whose norm it is, or None)
+        self._stat_tags: dict[str, str] = {}  # due key -> tag
         self._tags: dict[str, str] = {}
 
     # ---- channel selection
@@ -194,13 +219,7 @@ class GradientStats(Diagnostic):
             return TapVector(window_names, tf.sqrt(squares))
 
         def on_due(inp):
-            out = {"@logits/norm": tf.norm(inp.logits_grad)}
-            # The layer and global norms, from the squared norms the step has (in Python they
-            # would be summed from the rounded per-variable norms).
-            layer_sq = tf.math.unsorted_segment_sum(inp.squared_norm_vector, layer_of, len(layers))
-            out.update((f"@layer_norm/{layer}", value)
-                       for layer, value in zip(layers, tf.unstack(tf.sqrt(layer_sq), num=len(layers))))
-            out["@global_norm"] = tf.sqrt(tf.reduce_sum(layer_sq))
+            out = {"@logits/norm": tf.norm(inp.logits_grad), **_layer_norms(names, inp.squared_norm_vector)}
             # Each statistic for all variables as one vector (stacked_variable_stats), then one
             # scalar output per variable and statistic.
             stats = stacked_variable_stats(inp.grads, inp.squared_norm_vector)
@@ -224,12 +243,9 @@ class GradientStats(Diagnostic):
         step_write = None
         writer = self.tap_writer() if model.step_writes_supported else None
         if writer is not None:  # the due step writes its scalars itself, where it can (StepWrite)
-            due_tags = {"@logits/norm": "gradients/logits/norm", "@global_norm": "gradients/global_norm"}
-            due_tags.update((f"@layer_norm/{layer}", summaries.tag("gradients", layer, "layer_norm")) for layer in layers)
-            stats = [*STATS, "update_ratio"]
-            due_tags.update((f"{layer}/{var}/{stat}", summaries.tag("gradients", layer, var, stat))
-                            for layer, var in names for stat in stats)
-            step_write = StepWrite(writer, due_tags, tuple(self._window_tags(window_names)))
+            keys = ["@logits/norm", "@global_norm", *(f"@layer_norm/{layer}" for layer in layers),
+                    *(f"{layer}/{var}/{stat}" for layer, var in names for stat in (*STATS, "update_ratio"))]
+            step_write = StepWrite(writer, {key: _due_tag(key) for key in keys}, tuple(self._window_tags(window_names)))
         return Tap(every_step=every_step, on_due=on_due, every=self.every, needs_updates=True, step_write=step_write)
 
     def _window_tags(self, names):
@@ -262,11 +278,10 @@ class GradientStats(Diagnostic):
 
         ``due`` maps ``layer/var/stat`` to a value, ``@histograms`` to the gradients' histogram
         buckets (``[variables, k, 3]``, in variable order), ``@logits/norm`` to the
-        logits-gradient norm and, from the step, ``@layer_norm/<layer>`` and ``@global_norm``
-        (else they are worked out here from the per-variable norms).
+        logits-gradient norm and ``@layer_norm/<layer>``, ``@global_norm`` to the layer and
+        global norms (:func:`_layer_norms`).
         """
         hist_due = self.histogram_every > 0 and step % self.histogram_every == 0
-        layer_sq: dict[str, float] = {}
         stats = self._stat_tags
         tags, out = [], []
         for key, value in due.items():
@@ -275,29 +290,11 @@ class GradientStats(Diagnostic):
                     for (layer, var), buckets in zip(summaries.variable_names(self.model), value):
                         self.histogram(summaries.tag("gradients", layer, var), buckets, step, buckets=None)
                 continue
-            entry = stats.get(key)
-            if entry is None:  # tag and layer of a key, worked out once
-                if key == "@logits/norm":
-                    entry = stats[key] = ("gradients/logits/norm", None)
-                elif key == "@global_norm":
-                    entry = stats[key] = ("gradients/global_norm", None)
-                elif key.startswith("@layer_norm/"):
-                    entry = stats[key] = (summaries.tag("gradients", key[len("@layer_norm/"):], "layer_norm"), None)
-                else:
-                    layer, var, stat = key.rsplit("/", 2)
-                    entry = stats[key] = (summaries.tag("gradients", layer, var, stat), layer if stat == "norm" else None)
-            tag, norm_of = entry
-            value = float(value)
+            tag = stats.get(key)
+            if tag is None:  # worked out once per key
+                tag = stats[key] = _due_tag(key)
             tags.append(tag)
-            out.append(value)
-            if norm_of is not None:
-                layer_sq[norm_of] = layer_sq.get(norm_of, 0.0) + value * value
-        if "@global_norm" not in due:  # (the probe channel)
-            for layer, sq in layer_sq.items():
-                tags.append(self._tag(f"@layer_norm/{layer}", "gradients", layer, "layer_norm"))
-                out.append(float(np.sqrt(sq)))
-            tags.append("gradients/global_norm")
-            out.append(float(np.sqrt(sum(layer_sq.values()))))
+            out.append(float(value))
         self.scalars(tags, out, step, written=written)
 
     # ---- probe channel (any Keras model)
@@ -319,7 +316,9 @@ class GradientStats(Diagnostic):
         out = {"@logits/norm": _joint_norm(grads[len(variables):])}
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads[:len(variables)], variables)]
         squared = tf.stack([2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in grads])
-        out.update(_per_variable(summaries.variable_names(model), stacked_variable_stats(grads, squared)))
+        names = summaries.variable_names(model)
+        out.update(_layer_norms(names, squared))
+        out.update(_per_variable(names, stacked_variable_stats(grads, squared)))
         if self.histogram_every:
             out["@histograms"] = tf.stack([summaries.histogram_buckets(g) for g in grads])
         return out

@@ -770,12 +770,10 @@ class GradlabModel(keras.Model):
         row = ("last", "sum", "max", "min").index(stat)
         return float(self._gradlab_window.value().numpy()[row, index])
 
-    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool, plain: bool = False,
-                  write_in_step: bool = False):
+    def _run_taps(self, inputs: TapInputs, due_at: Callable, return_due: bool, plain: bool = False):
         """Run every tap; returns the window maxima of the taps' signals (or None) and, with
         ``return_due``, each due tap's ``(due_step, due_scalars, captured window, {name: value})``.
-        ``due_at(every)`` is the step's ``step % every == 0``. ``plain``: no tap is due (no due-step work).
-        ``write_in_step``: the step may write the taps' :class:`StepWrite` scalars itself."""
+        ``due_at(every)`` is the step's ``step % every == 0``. ``plain``: no tap is due (no due-step work)."""
         states = list(self._gradlab_taps.values())
         window = self._gradlab_window
         signals = new = None
@@ -829,8 +827,9 @@ class GradlabModel(keras.Model):
         for state in states:
             tap = state.tap
             if state.has_due and not plain:
-                # (set at each trace of the full step; read_due reports it)
-                state.writes_in_step = tap.step_write is not None and write_in_step and state.step_write_armed is not None
+                # (set at each trace of the full step; read_due reports it. The armed variable
+                # exists for taps with a StepWrite; XLA may have been switched on since.)
+                state.writes_in_step = state.step_write_armed is not None and self.step_writes_supported
                 def write_due(state=state, tap=tap):
                     # A shallow copy: what the branch computes first (e.g. squared_norms) is cached
                     # on the copy, never on the step's inputs, whose tensors live outside the branch.
@@ -998,10 +997,7 @@ class GradlabModel(keras.Model):
                 inputs.weights_before = list(before)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 inputs.overflow = tf.logical_not(tf.reduce_all(tf.math.is_finite(inputs.squared_norm_vector)))
-            # A summary op in the step: not under XLA, and not per replica (each would write).
-            write_in_step = replicas == 1 and not tf.distribute.has_strategy() and not self.jit_compile
-            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1 and not plain, plain=plain,
-                                          write_in_step=write_in_step)
+            signals, due = self._run_taps(inputs, due_at, return_due=replicas == 1 and not plain, plain=plain)
         logs = self._gradlab_logs(self.compute_metrics(x, y_metrics, logits, sample_weight=sample_weight))
         if replicas == 1:  # with several replicas Keras would reduce them: they are read from the variables
             if due is not None:

@@ -3,6 +3,10 @@ one line naming the subcommand, exit status 2."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from conftest import ROOT
@@ -51,9 +55,6 @@ def test_check_with_an_option_before_an_override_applies_the_override(capsys):
 def test_the_command_imports_almost_nothing_before_it_handles_ctrl_c():
     """Until ``main`` runs, Ctrl-C prints Python's traceback: so importing ``gradlab.cli`` (and the
     package) must stay cheap -- no config, YAML or TensorFlow imports (they took ~60 ms)."""
-    import subprocess
-    import sys
-
     code = ("import sys, gradlab.cli; print(sorted(m for m in sys.modules if m.startswith(('gradlab', 'yaml', "
             "'tensorflow', 'keras', 'numpy'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -61,9 +62,6 @@ def test_the_command_imports_almost_nothing_before_it_handles_ctrl_c():
 
 
 def test_submodules_are_attributes_of_the_lazy_package():
-    import subprocess
-    import sys
-
     code = "import gradlab; print(gradlab.config.__name__, gradlab.load_config.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == ["gradlab.config", "gradlab.config"]
@@ -89,10 +87,7 @@ def test_tensorflow_load_time_log_lines_follow_tf_cpp_min_log_level():
 def test_a_user_error_is_one_line_whatever_tensorflow_prints_while_loading(tmp_path):
     """End to end, as a user runs it: `gradlab validate` loads TensorFlow (every command but
     `schema` does) and a bad override is still one line."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, "-m", "gradlab.cli", "validate", str(ROOT / "configs" / "default.yaml"),
                            "train.steps_per_execution=4", "diagnostics=[{type: gradient_stats, every: 6}]"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
