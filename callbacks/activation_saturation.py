@@ -57,11 +57,10 @@ the model with ``training=False`` (Dropout off, BatchNormalization on its moving
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from gradlab.activations import DERIVATIVE_PEAK, derivative_from_output
-from gradlab.callbacks.base import Diagnostic, register
+from gradlab.callbacks.base import Diagnostic, check_int, check_number, register
 from gradlab import summaries
 
 SATURATING = ("sigmoid", "tanh")
@@ -271,10 +270,8 @@ class ActivationSaturation(Diagnostic):
     def __init__(self, *, log_dir: str | None = None, every: int = 100, threshold: float = 0.1,
                  histogram_every: int = 100, output_softmax: bool = True, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-            raise ValueError(f"`threshold` ({threshold!r}) must be a number in (0, 1)")
-        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
-            raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
+        threshold = check_number("threshold", threshold, below_one=True)
+        histogram_every = check_int("histogram_every", histogram_every, minimum=0)
         if not isinstance(output_softmax, bool):
             raise ValueError(f"`output_softmax` ({output_softmax!r}) must be true or false")
         self.threshold = float(threshold)

@@ -50,6 +50,10 @@ from __future__ import annotations
 import array
 import collections.abc
 import functools
+import math
+import numbers
+import os
+import warnings
 import weakref
 from collections import defaultdict
 from typing import Any, ClassVar
@@ -155,10 +159,38 @@ def observations_for(model) -> Observations:
     return obs
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` ({value!r}) must be a positive integer")
-    return value
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` when it is an integer (Python's or numpy's; not a bool) of at
+    least ``minimum`` (1: positive, 0: non-negative), else a one-line ``ValueError`` naming
+    ``name``, the value and what is allowed."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"`{name}` ({value!r}) must be {what}")
+    return int(value)
+
+
+def check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True,
+                 below_one: bool = False) -> float:
+    """``value`` as a ``float`` when it is a finite real number (Python's or numpy's; not a bool)
+    above ``minimum`` (``strict``; else at least it) and, with ``below_one``, below 1; else a
+    one-line ``ValueError`` naming ``name``, the value and what is allowed."""
+    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (value > minimum if strict else value >= minimum) and not (below_one and value >= 1))
+    if not ok:
+        if below_one:
+            what = f"a number in ({minimum:g}, 1)" if strict else f"a number in [{minimum:g}, 1)"
+        elif minimum == 0:
+            what = "a positive number" if strict else "a non-negative number"
+        else:
+            what = f"a number {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"`{name}` ({value!r}) must be {what}")
+    return float(value)
+
+
+def _check_log_dir(value: Any):
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"`log_dir` ({value!r}) must be a directory path (str or os.PathLike) or None")
+    return os.fspath(value) if value is not None else None
 
 
 class Diagnostic(keras.callbacks.Callback):
@@ -189,15 +221,17 @@ class Diagnostic(keras.callbacks.Callback):
 
     def __init__(self, *, log_dir: str | None = None, every: int = 10, probe_data=None, probe_size: int = 256):
         super().__init__()
-        self.log_dir = log_dir
-        self.every = _positive_int("every", every)
-        self.probe_size = _positive_int("probe_size", probe_size)
+        self.log_dir = _check_log_dir(log_dir)
+        self.every = check_int("every", every)
+        self.probe_size = check_int("probe_size", probe_size)
         if probe_data is not None and (not isinstance(probe_data, (tuple, list)) or len(probe_data) != 2):
             raise ValueError("`probe_data` must be a pair (x, y)")
         self.probe_data = probe_data
         self._writer = None
         self._tap_writer = None  # held for a tap whose step writes (tap_writer), until detach or release_tap_writer
         self._in_fit = False  # between Keras's set_model (at the start of fit) and on_train_end
+        self._began = False  # Diagnostic.on_train_begin ran in this fit (a subclass may forget super())
+        self._warned_no_begin = False
         self._pending: list[tuple[str, float, int]] = []
         self._pending_histograms: list[tuple[str, np.ndarray, int]] = []
         self._tap_key: str | None = None
@@ -391,8 +425,10 @@ class Diagnostic(keras.callbacks.Callback):
     def set_model(self, model):
         super().set_model(model)
         self._in_fit = True  # Keras calls this when fit starts (whatever a subclass's on_train_begin does)
+        self._began = False
 
     def on_train_begin(self, logs=None):
+        self._began = True
         self._last_step = self.current_step()
         self._epoch_start_step = None
         model = self.model
@@ -432,6 +468,11 @@ class Diagnostic(keras.callbacks.Callback):
         return write is None or write.writer is self.tap_writer()
 
     def on_train_batch_end(self, batch, logs=None):
+        if not self._began and not self._warned_no_begin:
+            self._warned_no_begin = True
+            warnings.warn(f"{type(self).__name__}.on_train_begin did not call super().on_train_begin(logs): its "
+                          "schedule, tap and probe were not set up, so it writes nothing in this fit", RuntimeWarning,
+                          stacklevel=2)
         now = self.steps_done(batch)
         prev, self._last_step = self._last_step, now
         if now <= prev:

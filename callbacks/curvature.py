@@ -67,8 +67,8 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, _count, register
-from gradlab.callbacks.gradient_noise import layer_groups, loss_reduction, output_fn, per_sample_loss_fn, read_params
+from gradlab.callbacks.base import Diagnostic, _count, check_int, check_number, register
+from gradlab.callbacks.gradient_noise import layer_groups, loss_reduction, per_sample_loss_fn, read_params
 
 Vector = list  # a list of tensors shaped like the parameters
 ADAPTIVE_NOTE = ("the stability limit of an adaptive optimizer applies to the preconditioned Hessian; "
@@ -286,14 +286,6 @@ def stability_limit(optimizer) -> tuple[float | None, str]:
 # ---------------------------------------------------------------------------------------------
 # The diagnostic
 
-def _positive(name: str, value, kind=int):
-    ok = not isinstance(value, bool) and isinstance(value, (int,) if kind is int else (int, float))
-    if not ok or value <= 0 or (kind is float and not np.isfinite(value)):
-        what = "a positive integer" if kind is int else "a positive number"
-        raise ValueError(f"`{name}` ({value!r}) must be {what}")
-    return value
-
-
 @register("curvature")
 class Curvature(Diagnostic):
     """Top Hessian eigenvalue (sharpness), globally and per layer, on the probe batch (module docstring).
@@ -320,16 +312,12 @@ class Curvature(Diagnostic):
                  tolerance: float = 1e-3, per_layer: bool = True, warm_start: bool = True, seed: int = 0,
                  jit_compile: bool = False, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
-        self.iterations = _positive("iterations", iterations)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
-                np.isfinite(tolerance) and tolerance >= 0):
-            raise ValueError(f"`tolerance` ({tolerance!r}) must be a non-negative number")
-        self.tolerance = float(tolerance)
+        self.iterations = check_int("iterations", iterations)
+        self.tolerance = check_number("tolerance", tolerance, strict=False)
         for name, value in (("per_layer", per_layer), ("warm_start", warm_start), ("jit_compile", jit_compile)):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` ({value!r}) must be true or false")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` ({seed!r}) must be a non-negative integer")
+        seed = check_int("seed", seed, minimum=0)
         self.per_layer, self.warm_start, self.seed, self.jit_compile = per_layer, warm_start, seed, jit_compile
         self._verdicts: list[dict] = []
         self._vectors: tuple[list, list] | None = None  # start vectors: global, blocks (tf.Variables)

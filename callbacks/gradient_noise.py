@@ -85,7 +85,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, register
+from gradlab.callbacks.base import Diagnostic, check_int, check_number, register
 from gradlab.errors import first_line
 
 log = logging.getLogger("gradlab.gradient_noise")
@@ -370,13 +370,6 @@ def noise_statistics_names(groups: dict[str, list[int]]) -> list[str]:
     return [f"{g}/{s}" for g in groups for s in STATS] + list(STATS)
 
 
-def _check_number(name: str, value, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or (
-            positive and value <= 0):
-        raise ValueError(f"`{name}` ({value!r}) must be a positive number")
-    return float(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # The diagnostic
 
@@ -419,13 +412,11 @@ class GradientNoise(Diagnostic):
         self.source_used: str | None = None
         if probe_size < 2:
             raise ValueError(f"`probe_size` ({probe_size!r}) must be at least 2 (one sample has no variance)")
-        self.theta = _check_number("theta", theta)
+        self.theta = check_number("theta", theta)
         if method not in METHODS:
             raise ValueError(f"`method` ({method!r}) must be one of {', '.join(METHODS)}")
         self.method = method
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"`chunk_size` ({chunk_size!r}) must be a positive integer")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int("chunk_size", chunk_size)
         if not isinstance(jit_compile, bool):
             raise ValueError(f"`jit_compile` ({jit_compile!r}) must be true or false")
         self.jit_compile = jit_compile

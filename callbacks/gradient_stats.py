@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, probe_loss, register
+from gradlab.callbacks.base import Diagnostic, check_int, probe_loss, register
 from gradlab.train_step import StepWrite, Tap, TapVector, lazy_cond
 
 STATS = ("norm", "mean", "std", "max_abs", "zero_fraction")
@@ -189,9 +189,7 @@ class GradientStats(Diagnostic):
     def __init__(self, *, log_dir: str | None = None, every: int = 10, histogram_every: int = 100,
                  probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
-        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
-            raise ValueError(f"`histogram_every` ({histogram_every!r}) must be a non-negative integer")
-        self.histogram_every = histogram_every
+        self.histogram_every = check_int("histogram_every", histogram_every, minimum=0)
         self._before = None
         self._stat_tags: dict[str, str] = {}  # due key -> tag
         self._tags: dict[str, str] = {}

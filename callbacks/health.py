@@ -45,20 +45,10 @@ import math
 import statistics
 from typing import Mapping, Sequence
 
-from gradlab.callbacks.base import Diagnostic, register
+from gradlab.callbacks.base import Diagnostic, check_int, check_number, register
 
 VERDICTS = ("vanishing", "exploding", "dead", "saturated")
 LOSS_SERIES = "health/_loss"  # training loss from Keras's logs (observations only, never written)
-
-
-def _positive(name: str, value, *, below_one: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-    if ok and below_one and value >= 1:
-        ok = False
-    if not ok:
-        raise ValueError(f"`{name}` ({value!r}) must be a number in (0, 1)" if below_one
-                         else f"`{name}` ({value!r}) must be a positive number")
-    return float(value)
 
 
 def _layer_series(series: Mapping[str, Sequence], prefix: str, suffix: str) -> dict[str, list]:
@@ -249,17 +239,15 @@ class Health(Diagnostic):
                  exploding_window: int = 10, exploding_min_history: int = 3, dead_fraction: float = 0.5,
                  saturated_fraction: float = 0.5, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
-        from gradlab.callbacks.base import _positive_int
-
         self.thresholds = {
-            "vanishing_norm": _positive("vanishing_norm", vanishing_norm),
-            "vanishing_ratio": _positive("vanishing_ratio", vanishing_ratio, below_one=True),
-            "converged_loss": _positive("converged_loss", converged_loss),
-            "exploding_factor": _positive("exploding_factor", exploding_factor),
-            "exploding_window": _positive_int("exploding_window", exploding_window),
-            "exploding_min_history": _positive_int("exploding_min_history", exploding_min_history),
-            "dead_fraction": _positive("dead_fraction", dead_fraction, below_one=True),
-            "saturated_fraction": _positive("saturated_fraction", saturated_fraction, below_one=True),
+            "vanishing_norm": check_number("vanishing_norm", vanishing_norm),
+            "vanishing_ratio": check_number("vanishing_ratio", vanishing_ratio, below_one=True),
+            "converged_loss": check_number("converged_loss", converged_loss),
+            "exploding_factor": check_number("exploding_factor", exploding_factor),
+            "exploding_window": check_int("exploding_window", exploding_window),
+            "exploding_min_history": check_int("exploding_min_history", exploding_min_history),
+            "dead_fraction": check_number("dead_fraction", dead_fraction, below_one=True),
+            "saturated_fraction": check_number("saturated_fraction", saturated_fraction, below_one=True),
         }
         if self.thresholds["exploding_factor"] <= 1:
             raise ValueError(f"`exploding_factor` ({exploding_factor!r}) must be greater than 1")

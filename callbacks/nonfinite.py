@@ -33,20 +33,24 @@ results (:meth:`GradlabModel.tap_signal`; with several replicas, one read). With
 routine there and the optimizer skips them itself.
 
 Any other Keras model: the loss in Keras's batch logs (the running mean of the epoch, so it turns
-nonfinite at the first nonfinite step) is checked after every execution, and every
-``probe_every`` steps the gradients on the probe batch are checked too (this catches a
-nonfinite gradient with a finite loss). The variable is named from the probe batch's gradients
-when probe data is available. The step reported is the first step of the execution in which the
-loss went bad (exact with ``steps_per_execution: 1``). ``skip_step`` needs a gradlab model.
+nonfinite at the first nonfinite step) is checked after every execution; the step reported is
+the first step of the execution in which the loss went bad (exact with ``steps_per_execution:
+1``), and the variables named are those whose gradients are nonfinite on the probe batch, when
+there is probe data and some are. Every ``probe_every`` steps, and once more at the end of a
+``fit`` that found nothing, the probe batch's loss and gradients are checked too: this catches a
+nonfinite gradient with a finite training loss, reported as "found at step N" (the step of the
+check; the first bad step may be earlier). ``skip_step`` needs a gradlab model.
 
 Written on detection only: text ``nonfinite/report`` and scalar ``nonfinite/steps`` (the number
-of nonfinite steps seen so far). Every detection is added to ``observations_for(model).events``
+of nonfinite steps seen so far; on other Keras models, which see only the running loss and the
+probe batch, the number of detections: at most one per epoch from the loss). Every detection is added to ``observations_for(model).events``
 as ``{"kind": "nonfinite", "step", "layer", "variable", "what", "value", "message", ...}``, which
 :class:`gradlab.callbacks.Health` turns into an ``exploding`` verdict.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -55,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradlab import summaries
-from gradlab.callbacks.base import Diagnostic, probe_loss, register
+from gradlab.callbacks.base import Diagnostic, check_int, probe_loss, register
 from gradlab.train_step import GradlabModel, Tap, TapVector
 
 ACTIONS = ("stop", "skip_step", "warn")
@@ -101,20 +105,34 @@ def first_nonfinite(loss_step: float, var_steps, nan_steps, loss_nan_step: float
 
 
 def describe(step: int, names: list[tuple[str, str]], loss_bad: bool, loss_is_nan: bool, bad: set, nan: set,
-             loss_value: float | None = None) -> dict:
-    """The event dict for a nonfinite step (see the module docstring for the message)."""
+             loss_value: float | None = None, probe: bool = False) -> dict:
+    """The event dict for a nonfinite step (see the module docstring for the message).
+
+    ``probe``: the gradients (and ``loss_value``) come from the probe batch, checked at ``step``
+    (a plain Keras model): the message says where they were found, and that the first bad step
+    may be earlier."""
     order = [i for i in backprop_order(names) if i in bad]
     first = order[0] if order else None
     layer, variable = names[first] if first is not None else ("", "")
     value = "NaN" if (first in nan if first is not None else loss_is_nan) else "Inf"
     counted = f"{len(bad)} of {len(names)} gradients nonfinite"
-    if loss_bad:
+    if loss_bad and not probe:
         what = "loss"
         loss_kind = "NaN" if loss_is_nan else "Inf"
         message = f"nonfinite loss ({loss_kind}) at step {step}"
         if first is not None:
             message += f"; {counted}, first in backprop order {layer}/{variable}"
         value = loss_kind
+    elif probe:
+        what = "gradient" if first is not None else "loss"
+        if first is None:
+            value = "NaN" if loss_is_nan else "Inf"
+            message = f"nonfinite loss ({value}) on the probe batch, found at step {step}"
+        else:
+            message = (f"nonfinite gradient ({value}) in {layer}/{variable} on the probe batch, found at step {step} "
+                       f"(first in backprop order; {counted}; the first bad step may be earlier)")
+        if loss_value is not None and math.isfinite(loss_value):
+            message += f", probe loss {loss_value:.4g}"
     else:
         what = "gradient"
         message = f"nonfinite gradient ({value}) at step {step} in {layer}/{variable} (first in backprop order; {counted})"
@@ -145,16 +163,16 @@ class NonFiniteGuard(Diagnostic):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
         if action not in ACTIONS:
             raise ValueError(f"`action` ({action!r}) must be one of {', '.join(ACTIONS)}")
-        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 0:
-            raise ValueError(f"`probe_every` ({probe_every!r}) must be a non-negative integer")
         self.action = action
-        self.probe_every = probe_every
+        self.probe_every = check_int("probe_every", probe_every, minimum=0)
         self.events: list[dict] = []
         self.count = 0
         self._names: list[tuple[str, str]] = []
         self._previous_skip = None
         self._grad_probe = None
         self._epoch_reported = False
+        self._probe_checked: int | None = None  # the step of the last probe check (plain models)
+        self._first_step = 0
 
     def wants_probe(self, model) -> bool:
         return False  # the plain-Keras probe runs on its own schedule (below)
@@ -162,6 +180,7 @@ class NonFiniteGuard(Diagnostic):
     # ---- set-up
     def on_train_begin(self, logs=None):
         self.events, self.count = [], 0
+        self._probe_checked = None
         model = self.model
         self._names = summaries.variable_names(model)
         self._grad_probe = None
@@ -174,11 +193,17 @@ class NonFiniteGuard(Diagnostic):
             raise ValueError("`action` ('skip_step') needs a gradlab model (gradlab.train_step.GradlabModel); "
                              "with other Keras models use stop or warn")
         super().on_train_begin(logs)
+        self._first_step = self._last_step
 
     def on_train_end(self, logs=None):
         model = self.model
         if self._tap_key is not None and isinstance(model, GradlabModel):
             self._check_tap(force=True)
+        elif (not isinstance(model, GradlabModel) and self.probe_every and not self.events
+              and self._probe_checked != self._last_step and self._last_step > self._first_step):
+            # A plain model: a nonfinite gradient with a finite loss shows only on the probe batch,
+            # whose schedule a short fit may never reach. Checked once more at the end.
+            self._check_probe(self._last_step)
         super().on_train_end(logs)
 
     def detach(self) -> None:
@@ -252,7 +277,8 @@ class NonFiniteGuard(Diagnostic):
     # ---- plain Keras models
     def _check_logs(self, prev: int, now: int, logs) -> bool:
         """Report a loss that turned nonfinite in the execution of steps ``prev .. now - 1``;
-        True if it did."""
+        True if it did. The gradients named are the probe batch's, when there is one and some
+        are nonfinite there; the loss is the training loss of the logs."""
         loss = (logs or {}).get("loss")
         try:
             loss = float(loss)
@@ -260,7 +286,11 @@ class NonFiniteGuard(Diagnostic):
             return False
         if math.isfinite(loss) or self._epoch_reported:
             return False
-        event = self._probe_event(prev) or describe(prev, self._names, True, math.isnan(loss), set(), set())
+        probed = self._probe_gradients()
+        bad, nan = (probed[1], probed[2]) if probed is not None else (set(), set())
+        event = describe(prev, self._names, True, math.isnan(loss), bad, nan)
+        if bad:
+            event["message"] += " (gradients on the probe batch)"
         self._epoch_reported = True  # the running mean stays nonfinite for the rest of the epoch
         self._report(event, 1)
         return True
@@ -270,29 +300,32 @@ class NonFiniteGuard(Diagnostic):
         self._epoch_reported = False
 
     def _check_probe(self, step: int) -> None:
-        event = self._probe_event(step, require_bad=True)
-        if event is not None:
-            self._report(event, 1)
+        """Check the probe batch's loss and gradients at ``step``; report them if nonfinite."""
+        self._probe_checked = step
+        probed = self._probe_gradients()
+        if probed is None:
+            return
+        loss, bad, nan = probed
+        if bad or not math.isfinite(loss):
+            event = describe(step, self._names, not math.isfinite(loss), math.isnan(loss), bad, nan, loss, probe=True)
+            self._report(dict(event, source="probe batch"), 1)
 
-    def _probe_event(self, step: int, require_bad: bool = False) -> dict | None:
+    def _probe_gradients(self) -> tuple[float, set, set] | None:
+        """``(loss, nonfinite, nan)`` on the probe batch: its loss and the indices of the variables
+        whose gradients are nonfinite / NaN there; None without probe data."""
         data = self.probe_data if self.probe_data is not None else getattr(self.model, "gradlab_probe_batch", None)
         if data is None:
             return None
         if self._grad_probe is None:
             self._probe_xy = Diagnostic.probe_batch(self)
             self.check_probe_batch(self.model, *self._probe_xy)
-            self._grad_probe = tf.function(self._grad_check, reduce_retracing=True, autograph=False)
+            # A partial: TensorFlow counts retracing per code object, so a bound method's traces in
+            # several guards would add up to a bogus "frequent retracing" warning.
+            self._grad_probe = tf.function(functools.partial(self._grad_check), reduce_retracing=True,
+                                           autograph=False)
         loss, sq = self._grad_probe(*self._probe_xy)
         loss, sq = float(loss), np.asarray(sq, dtype=np.float64)
-        bad = {int(i) for i in np.flatnonzero(~np.isfinite(sq))}
-        loss_bad = not math.isfinite(loss)
-        if require_bad and not bad and not loss_bad:
-            return None
-        nan = {int(i) for i in np.flatnonzero(np.isnan(sq))}
-        event = describe(step, self._names, loss_bad, math.isnan(loss), bad, nan, loss)
-        event["source"] = "probe batch"
-        event["message"] += " (on the probe batch)"  # not the training batch's loss, which may be finite
-        return event
+        return loss, {int(i) for i in np.flatnonzero(~np.isfinite(sq))}, {int(i) for i in np.flatnonzero(np.isnan(sq))}
 
     def _grad_check(self, x, y):
         model = self.model

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import yaml
 
 from gradlab.config import Experiment, check_execution_fits_epoch, load_config, round_to_execution
-from gradlab.errors import DeviceError, GradlabError, NonFiniteError, RunDirError, RunInterrupted, StorageError
+from gradlab.errors import DeviceError, NonFiniteError, RunDirError, RunInterrupted, StorageError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"

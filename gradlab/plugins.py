@@ -170,7 +170,7 @@ def instantiate_diagnostic(cls, spec: DiagnosticSpec, steps_per_execution: int =
                 rounded[name] = value
     for key in spec.options:
         if key in INJECTED:
-            raise _OptionError(key, f"set by gradlab (the run directory); remove it")
+            raise _OptionError(key, "set by gradlab (the run directory); remove it")
         if key not in names and not var_kw:
             allowed = sorted(names - set(INJECTED) - {"probe_data"})
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)

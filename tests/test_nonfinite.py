@@ -211,6 +211,63 @@ def test_plain_keras_model_stops_on_nonfinite_loss():
     assert event["layer"] == "dense_b"  # the probe gradients at the (now NaN) weights name the output layer first
 
 
+def test_plain_model_nonfinite_loss_with_finite_gradients_is_reported_as_the_loss():
+    """The training loss turns NaN at step 5 while every gradient stays finite (a NaN term cut
+    off from backprop): with probe data the report is the loss at step 5, and no gradient, layer
+    or Inf is made up from an all-finite probe batch."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    out = keras.layers.Dense(3, name="dense_b")(inputs)
+    model = keras.Model(inputs, out)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    counter = tf.Variable(0, trainable=False)
+
+    def loss(y_true, y_pred):
+        # NaN (cut off from backprop) at the sixth training call: step 5
+        step = counter.assign_add(1) - 1
+        bad = tf.where(tf.equal(step, 5), tf.constant(np.nan, tf.float32), 0.0)
+        return ce(y_true, y_pred) + tf.stop_gradient(bad)
+
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    y = (np.arange(32) % 3).astype(np.int32)
+    guard = NonFiniteGuard(action="warn", probe_data=(x[:8], y[:8]))
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+    event = guard.events[0]
+    assert event["step"] == 5 and event["what"] == "loss" and event["value"] == "NaN", event
+    assert event["layer"] == "" and event["nonfinite_gradients"] == 0, event
+    assert event["message"] == "nonfinite loss (NaN) at step 5", event["message"]
+
+
+def test_plain_model_nonfinite_gradient_with_finite_loss_is_found_at_the_end_of_a_short_fit():
+    """A NaN gradient whose loss stays finite (sqrt at 0 in the forward pass: finite value,
+    infinite derivative) shows only on the probe batch. A fit shorter than `probe_every` is
+    checked once more at its end, and the report says where and when it was found."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, name="dense_a", kernel_initializer="zeros")(inputs)
+    h = keras.layers.Lambda(lambda t: tf.sqrt(tf.nn.relu(t)), name="root")(h)  # d/dt sqrt at 0: Inf
+    out = keras.layers.Dense(3, name="dense_b")(h)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.0),  # no update: the loss stays finite throughout
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    y = (np.arange(16) % 3).astype(np.int32)
+    guard = NonFiniteGuard(action="warn", probe_data=(x[:8], y[:8]))  # probe_every 100 > 4 steps
+    history = model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert math.isfinite(history.history["loss"][-1])
+    assert len(guard.events) == 1, guard.events
+    event = guard.events[0]
+    assert event["step"] == 4 and event["what"] == "gradient" and event["layer"] == "dense_a", event
+    assert event["source"] == "probe batch"
+    assert "on the probe batch, found at step 4" in event["message"], event["message"]
+    # without the end-of-fit check nothing would have been found: the schedule never came due
+    quiet = NonFiniteGuard(action="warn", probe_every=0, probe_data=(x[:8], y[:8]))
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[quiet])
+    assert quiet.events == []
+
+
 def test_plain_keras_model_cannot_skip_steps():
     model = _plain_model()
     with pytest.raises(ValueError, match="`action` \\('skip_step'\\) needs a gradlab model"):
