@@ -32,6 +32,8 @@ Example (a complete plug-in)::
     class GradSparsity(Diagnostic):
         '''Fraction of exactly-zero gradient entries, over the whole model.'''
 
+        uses_tap = True  # (the base class attaches make_tap's Tap only then)
+
         def make_tap(self, model):
             def every_step(inp):
                 zeros = tf.add_n([tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) for g in inp.grads])

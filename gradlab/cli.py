@@ -40,7 +40,7 @@ def _shown_at_log_level(lines: list[str], level: int) -> list[str]:
 
 def _import_tensorflow() -> None:
     """Import TensorFlow and Keras with the lines its C++ runtime prints to stderr while loading
-    filtered by TF_CPP_MIN_LOG_LEVEL (default 3 here: errors only), which TensorFlow itself does not
+    filtered by TF_CPP_MIN_LOG_LEVEL (default 3 here: fatal errors only), which TensorFlow itself does not
     apply before absl is initialised. Anything else printed meanwhile is passed on, in order. So a
     user error stays the one line the CLI promises. Does nothing if TensorFlow is imported already."""
     if "tensorflow" in sys.modules:

@@ -81,7 +81,7 @@ class DataConfig:
     """The ``data`` section: which dataset, how it is batched and split."""
 
     name: str = _f("iris", "choice", "dataset: bundled, generated or a file", choices=DATASETS)
-    path: str | None = _f(None, "path", "file to read (npz, csv, tfrecord datasets)",
+    path: str | None = _f(None, "path", "file to read; required for the npz, csv and tfrecord datasets",
                           only_for=("name", FILE_DATASETS))
     batch_size: int = _f(32, "int", "samples per training step", minimum=1, maximum=2**31 - 1)
     shuffle: bool = _f(True, "bool", "reshuffle every epoch; false keeps the file/generation order")
@@ -118,7 +118,7 @@ class ModelConfig:
 
     kind: str = _f("softmax_linear", "choice", "softmax_linear: logits = x @ W + b; mlp: hidden layers",
                    choices=MODEL_KINDS)
-    hidden: list[int] = _f([], "int_list", "mlp: hidden layer widths, e.g. [64, 64]",
+    hidden: list[int] = _f([], "int_list", "mlp: hidden layer widths, e.g. [64, 64]; required (at least one) for mlp",
                            only_for=("kind", ("mlp",)))
     activation: str = _f("relu", "choice", "mlp: hidden activation (leaky_relu has alpha 0.2 as in the seed)",
                          choices=ACTIVATIONS, only_for=("kind", ("mlp",)))
@@ -156,7 +156,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "int", "save a checkpoint every N steps (0: only at the end)", minimum=0)
     keep_checkpoints: int = _f(3, "int", "how many checkpoints to keep", minimum=1)
     distribute: str = _f("none", "choice", "tf.distribute strategy", choices=DISTRIBUTE)
-    cpu_devices: int = _f(0, "int", "split the CPU into N logical devices (0: don't); lets mirrored run on a CPU",
+    cpu_devices: int = _f(0, "int", "split the CPU into N logical devices (0: don't); lets mirrored run on a CPU (more than 1 needs "
+                          "distribute: mirrored)",
                           minimum=0, maximum=64)
 
 
@@ -639,7 +640,7 @@ def from_dict(raw: Any, *, file: str = "<dict>", lines: dict[tuple, int] | None 
     name = raw.get("name", "experiment")
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > NAME_MAX:
         shown = repr(name) if isinstance(name, str) else _described(name)
-        chk.add(("name",), f"{shown} must be a non-empty string of letters, digits, '_', '.', '-' "
+        chk.add(("name",), f"{shown} must be a letter or digit followed by letters, digits, '_', '.', '-', "
                            f"of at most {NAME_MAX} characters (it becomes a directory name)")
     else:
         values["name"] = name
@@ -845,18 +846,19 @@ def reference_markdown() -> str:
         if m["kind"] == "choice":
             return " \\| ".join(f"`{c}`" for c in m["choices"])
         if m["kind"] == "initializer":
-            return "Keras initializer name or `{name: ..., args}`"
+            return ("one of " + ", ".join(f"`{n}`" for n in INITIALIZERS) + " (`orthogonal`: kernels only), "
+                    "or `{name: ..., args}`")
         parts = []
         if "minimum" in m:
             parts.append(f"{'>' if m.get('exclusive_minimum') else '>='} {m['minimum']}")
         if "maximum" in m:
             parts.append(f"{'<' if m.get('exclusive_maximum') else '<='} {m['maximum']}")
         kind = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "path": "file path",
-                "int_list": "list of integers", "float_or_null": "number or null", "int_or_null": "integer or null"}
+                "int_list": "list of integers >= 1", "float_or_null": "number or null", "int_or_null": "integer or null"}
         return (kind.get(m["kind"], m["kind"]) + (", " + ", ".join(parts) if parts else ""))
 
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|",
-            "| `name` | `experiment` | letters, digits, `_.-`; at most 200 characters | run directory prefix |",
+            "| `name` | `experiment` | a letter or digit, then letters, digits, `_.-`; at most 200 characters | run directory prefix |",
             "| `seed` | `0` | integer in [0, 2**31) | seeds data, initializers, shuffling |",
             "| `log_dir` | `runs` | directory | where run directories are created |"]
     for section, cls in SECTIONS.items():

@@ -146,3 +146,28 @@ def test_failing_user_code_is_tied_to_its_config_entry(tmp_path, monkeypatch):
     lines = str(err.value).splitlines()
     assert any(":2: callbacks.0.args:" in line and "RuntimeError: constructor boom" in line for line in lines), lines
     assert any(":3: callbacks.1.class:" in line and "raised SyntaxError" in line for line in lines), lines
+
+
+def test_the_plugin_example_in_the_base_class_docstring_works_as_written(tmp_path, monkeypatch):
+    """callbacks/base.py's module docstring shows "a complete plug-in": run it, as written, from YAML."""
+    from gradlab.callbacks import base
+
+    doc = base.__doc__
+    example = textwrap.dedent(doc[doc.index("Example (a complete plug-in)::") + len("Example (a complete plug-in)::"):])
+    name = f"docstring_plugin_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(example)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _config(name, str(tmp_path / "unused.json"))
+    cfg["diagnostics"] = [{"type": f"{name}:GradSparsity", "every": 3}]
+    cfg["callbacks"] = []
+    try:
+        result = gradlab.run(cfg, run_dir=tmp_path / "run", quiet=True)
+    finally:
+        sys.modules.pop(name, None)
+        base._REGISTRY.pop("grad_sparsity", None)
+    scalars = read_scalars(result.run_dir)
+    zero = scalars.get("sparsity/zero_fraction")
+    assert zero, sorted(scalars)
+    assert [s for s, _ in zero][:3] == [0, 3, 6]
+    assert all(0.0 <= v <= 1.0 for _, v in zero)
+    assert [s for s, _ in scalars["sparsity/zero_fraction_max"]] == [s for s, _ in zero]
