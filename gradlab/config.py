@@ -256,11 +256,32 @@ def _node_lines(node: yaml.Node, prefix: tuple, lines: dict, problems: list, fil
             _node_lines(item, prefix + (i,), lines, problems, file)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-6`` is a float (YAML 1.1, which
+    PyYAML follows, needs ``1.0e-6`` and reads ``1e-6`` as the string '1e-6'). Used for every
+    config file, override and sweep value."""
+
+
+YamlLoader.add_implicit_resolver(  # (a copy of SafeLoader's resolvers: the SafeLoader itself is unchanged)
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML with the safe loader and return ``(data, {key path tuple: line})``."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader only
+        node = yaml.compose(text, Loader=YamlLoader)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -678,7 +699,7 @@ def parse_override(text: str) -> tuple[tuple, Any]:
         raise ConfigError([(OVERRIDE_SOURCE, None, key or text, "not a valid key path (use dots: train.learning_rate)")])
     path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = load_yaml(value_text) if value_text.strip() else ""
     except yaml.YAMLError:  # not YAML (e.g. `[64,64`): the text itself, for validation to name
         return path, value_text
     if isinstance(value, str) and "," in value and not value_text.strip().startswith(("'", '"')):
@@ -688,7 +709,7 @@ def parse_override(text: str) -> tuple[tuple, Any]:
 
 def _yaml_or_text(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 

@@ -197,6 +197,8 @@ def _load_config(run_dir: Path) -> dict[str, Any] | None:
     """
     import yaml
 
+    from gradlab.config import load_yaml
+
     path = run_dir / "config.yaml"
     try:
         text = path.read_text()
@@ -206,7 +208,7 @@ def _load_config(run_dir: Path) -> dict[str, Any] | None:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
         raise UsageError(f"{path}: cannot read the run's config ({reason})") from None
     try:
-        config = yaml.safe_load(text)
+        config = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

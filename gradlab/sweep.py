@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, validate_plugins
+from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, load_yaml, validate_plugins
 from gradlab.errors import ConfigError, GradlabError, RunInterrupted, UsageError
 from gradlab.experiment import health_checked, new_directory
 
@@ -99,7 +99,7 @@ def split_values(text: str) -> list[Any]:
         if not part.strip():
             raise ValueError("empty value")
         try:
-            values.append(yaml.safe_load(part))
+            values.append(load_yaml(part))
         except yaml.YAMLError:
             values.append(part.strip())
     return values

@@ -93,6 +93,22 @@ def test_a_config_that_is_not_a_mapping_is_rejected(tmp_path, text, kind, overri
     assert str(err.value) == f"{cfg}:1: expected a mapping of sections at the top level, got {kind}"
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_everywhere(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-6` as a string; users copy the README's `1e-6` defaults, so
+    configs read it as the number, in diagnostics options as in train, overrides and sweeps."""
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("train: {learning_rate: 1e-2}\n"
+                   "diagnostics:\n  - {type: health, vanishing_norm: 1e-7, converged_loss: 2E-3}\n"
+                   "  - {type: gradient_stats, every: 10}\n")
+    exp = load_config(cfg, ["diagnostics.0.vanishing_ratio=5e-4"])
+    health = exp.diagnostics[0].options
+    assert exp.train.learning_rate == 0.01
+    assert health == {"vanishing_norm": 1e-7, "converged_loss": 0.002, "vanishing_ratio": 5e-4}
+    assert all(type(v) is float for v in health.values())
+    proc = gradlab_cli("validate", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_unsafe_yaml_tags_are_rejected(tmp_path):
     cfg = tmp_path / "evil.yaml"
     cfg.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
