@@ -135,7 +135,17 @@ def _cmd_run(args) -> int:
         from gradlab.errors import RunDirError
 
         raise RunDirError("gradlab run: give a config file, or --resume RUN_DIR")
-    run(args.config, args.overrides, run_dir=args.run_dir, resume=args.resume, verbose=0 if args.quiet else "auto")
+    import signal
+
+    from gradlab.resume import stop_signals_interrupt
+
+    previous = stop_signals_interrupt()  # SIGTERM/SIGHUP: interrupted (and resumable), as with Ctrl-C
+    try:
+        run(args.config, args.overrides, run_dir=args.run_dir, resume=args.resume,
+            verbose=0 if args.quiet else "auto")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

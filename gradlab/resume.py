@@ -548,7 +548,7 @@ def make_callback(**kwargs):
             self.steps_total = steps_total
             self.last_saved = restored["step"] if restored else -1
             self.interrupted = False
-            self._previous_handler = None
+            self._previous_handlers: dict = {}
 
         # -- helpers
         def step(self) -> int:
@@ -584,7 +584,10 @@ def make_callback(**kwargs):
             if self.restored_path:
                 self.ckpt.restore_taps(self.restored_path)
             if threading.current_thread() is threading.main_thread():
-                self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+                # Ctrl-C, and what a scheduler or a closed terminal sends (SIGTERM: timeout, docker
+                # stop, Slurm, Kubernetes; SIGHUP): save a checkpoint at the next step and stop.
+                for signum in STOP_SIGNALS:
+                    self._previous_handlers[signum] = signal.signal(signum, self._on_sigint)
 
         def _on_sigint(self, signum, frame):
             if self.interrupted:  # a second Ctrl-C: stop now (the last checkpoint stays valid)
@@ -632,11 +635,30 @@ def make_callback(**kwargs):
                 self._interrupt(step)
 
         def _restore_handler(self):
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGINT, self._previous_handler)
-                self._previous_handler = None
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self._previous_handlers = {}
 
     return _Resume(**kwargs)
+
+
+# The signals that stop a run the way Ctrl-C does (those this platform has).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def stop_signals_interrupt() -> dict:
+    """Make SIGTERM and SIGHUP (``kill``, ``timeout``, a scheduler, a closed terminal) raise
+    ``KeyboardInterrupt``, as Ctrl-C does, so that what is running is recorded as interrupted
+    rather than killed with nothing written. (During ``fit`` a run's checkpointing callback
+    replaces this with its own handler, which saves a checkpoint at the next step.) Returns the
+    previous handlers; nothing is changed outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS if signum != signal.SIGINT}
 
 
 def _reason(err: BaseException) -> str:

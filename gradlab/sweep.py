@@ -48,7 +48,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -58,6 +57,7 @@ import yaml
 from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, load_yaml, validate_plugins
 from gradlab.errors import ConfigError, GradlabError, RunInterrupted, UsageError
 from gradlab.experiment import health_checked, new_directory
+from gradlab.resume import resume_command, stop_signals_interrupt
 
 SUMMARY_FILE = "sweep.json"
 KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
@@ -465,9 +465,11 @@ def _last_line(path: Path) -> str | None:
 
 
 def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: float,
-            interrupted: bool = False) -> None:
+            interrupted: bool = False, timed_out: float | None = None) -> None:
     """Read the run's ``metrics.json``, decide its status, and complete its run directory.
     ``interrupted``: the sweep was interrupted, so a run it had to kill counts as interrupted.
+    ``timed_out``: the run was stopped after this ``--timeout`` (seconds): it failed, whatever
+    it wrote on its way out (a run stopped by SIGTERM saves a checkpoint and says "interrupted").
 
     A run interrupted before it wrote its ``config.yaml`` never existed (``gradlab run`` removes
     such a directory itself): it is recorded as ``not run``, with the command that starts it, and
@@ -488,6 +490,11 @@ def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: 
         record.status = "stopped"
         record.error = (metrics.get("stopped") or {}).get("message") or _last_line(sweep_dir / "logs" /
                                                                                    f"{record.name}.err")
+    elif timed_out is not None:
+        record.status = "failed"
+        record.error = f"stopped after the --timeout of {timed_out:g} seconds"
+        if (run_dir / CONFIG_FILE).is_file() and status == "interrupted":
+            record.error += f" (its last checkpoint resumes it: {resume_command(run_dir)})"
     else:
         record.status = "interrupted" if rc in (130, -2) or (interrupted and rc < 0) else "failed"
         record.error = (_last_line(sweep_dir / "logs" / f"{record.name}.err") or metrics.get("error")
@@ -501,7 +508,7 @@ def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: 
     record.metrics = {k: metrics[k] for k in keep if k in metrics}
     record.verdicts = list(metrics.get("verdicts") or [])
     run_dir.mkdir(parents=True, exist_ok=True)
-    if record.status in ("failed", "interrupted") and status not in ("failed", "interrupted"):
+    if record.status in ("failed", "interrupted") and (status not in ("failed", "interrupted") or timed_out is not None):
         write_json(run_dir / METRICS_FILE, {"status": record.status, "error": record.error, "exit_code": rc})
     final = {tag: record.metrics.get(key) for tag, key, _ in FINAL_METRICS if key}
     if record.status in ("completed", "stopped"):
@@ -590,7 +597,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
     running: dict[subprocess.Popen, tuple[RunRecord, float, list]] = {}
     done = 0
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"), "PYTHONUNBUFFERED": "1"}
-    previous = _stop_signals_interrupt()  # runs have their own session: a hangup or kill must reach them via us
+    previous = stop_signals_interrupt()  # runs have their own session: a hangup or kill must reach them via us
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -608,9 +615,10 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
             for proc in list(running):
                 record, started, files = running[proc]
                 rc = proc.poll()
+                timed_out = None
                 if rc is None and timeout is not None and time.time() - started > timeout:
-                    _stop(proc)
-                    rc = proc.returncode
+                    _stop(proc)  # (SIGTERM: the run saves a checkpoint and stops, as on Ctrl-C)
+                    rc, timed_out = proc.returncode, timeout
                     with open(root / "logs" / f"{record.name}.err", "a") as f:
                         f.write(f"\ngradlab sweep: killed after the --timeout of {timeout:g} seconds\n")
                 if rc is None:
@@ -618,7 +626,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
                 del running[proc]
                 for f in files:
                     f.close()
-                _finish(record, rc, root, started, time.time())
+                _finish(record, rc, root, started, time.time(), timed_out=timed_out)
                 done += 1
                 write_json(root / SUMMARY_FILE, _summary(p, root, records, "running"))
                 if not quiet:
@@ -665,24 +673,6 @@ def _interrupted_line(root: Path, records: Sequence[RunRecord]) -> str:
                      "--run-dir SWEEP_DIR/RUN)")
     return (f"gradlab sweep: interrupted; {', '.join(parts) or 'no run finished'}; "
             f"each run's status and command are in {root / SUMMARY_FILE}")
-
-
-def _stop_signals_interrupt() -> dict:
-    """While a sweep runs, SIGTERM and SIGHUP (a closed terminal, ``kill``, ``timeout``) end it like
-    Ctrl-C, so its runs are interrupted and recorded rather than left running on their own.
-    Returns the previous handlers (none are changed outside the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            previous[signum] = signal.signal(signum, interrupt)
-    return previous
 
 
 INTERRUPT_GRACE = 60.0  # seconds an interrupted run gets to save its checkpoint and exit

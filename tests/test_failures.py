@@ -72,7 +72,9 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_resumes_exactly(tmp_pa
     assert result.metrics["weights_sha256"] == ref.metrics["weights_sha256"]
 
 
-def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, signum):
+    """Ctrl-C, and what `kill`, `timeout`, docker, Slurm or a closed terminal send."""
     cfg = dict(CFG, train=dict(CFG["train"], epochs=200, checkpoint_every=1000))
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -85,7 +87,7 @@ def test_sigint_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
         assert time.time() - t0 < 120 and proc.poll() is None
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     lines = [line for line in err.splitlines() if line.strip()]
@@ -150,3 +152,24 @@ def test_a_file_where_a_directory_should_be_is_named_as_one(tmp_path):
     with pytest.raises(RunDirError, match=r"log_dir: '.*afile' is a file, not a directory"):
         gradlab.run(dict(CFG, log_dir=str(afile)), quiet=True)
     assert afile.read_text() == "keep me"
+
+
+def test_a_sweep_run_past_its_timeout_is_failed_and_resumable(tmp_path):
+    """--timeout stops a run with SIGTERM: the run saves a checkpoint on its way out, and the
+    sweep records it as failed (timed out), with the command that resumes it."""
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=2000, checkpoint_every=1000), sweep={"seed": [0]})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(cfg))
+    root = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "gradlab.cli", "sweep", str(path), "--sweep-dir", str(root),
+                           "--timeout", "12"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (record,) = json.loads((root / "sweep.json").read_text())["runs"]
+    run = root / record["name"]
+    assert record["status"] == "failed" and record["error"].startswith("stopped after the --timeout of 12 seconds")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "interrupted", state  # it was given the time to save its checkpoint
+    assert (run / "checkpoints" / f"ckpt-{state['step']}.index").exists()
+    assert f"gradlab run --resume {run}" in record["error"]
