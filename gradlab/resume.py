@@ -453,7 +453,13 @@ class Checkpointer:
         directory) before anything was written.
         """
         d = Path(directory or self.directory)
-        candidates = self.candidates(d)
+        candidates = []
+        for path in self.candidates(d):
+            if Path(f"{path}_temp").is_dir():  # TensorFlow merges the shards, then removes it: never finished
+                print(f"gradlab: warning: checkpoint {path} was never completed (its save was cut short); "
+                      "ignored", file=sys.stderr, flush=True)
+                continue
+            candidates.append(path)
         failures: list[tuple[str, str]] = []
         for path in candidates:
             restored, why = _try_restore(self, path)
@@ -489,6 +495,20 @@ class Checkpointer:
         epoch, batch = divmod(step, batches_per_epoch)
         self.position.assign([epoch, batch, step])
         return self.manager().save(checkpoint_number=step)
+
+    def discard_incomplete(self, step: int) -> None:
+        """Remove what a failed :meth:`save` at ``step`` left (a torn ``ckpt-<step>.index``, data
+        files, the ``ckpt-<step>_temp`` directory TensorFlow writes the shards into), so that a
+        resume does not find it. Best effort: the disk may still be full or gone."""
+        import shutil
+
+        prefix = self.directory / f"ckpt-{step}"
+        shutil.rmtree(f"{prefix}_temp", ignore_errors=True)
+        for leftover in self.directory.glob(f"ckpt-{step}.*"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
 
 
 class NoReadableCheckpoint(RunDirError):
@@ -566,10 +586,12 @@ def make_callback(**kwargs):
                 if not isinstance(err, (OSError, tf.errors.OpError)):
                     raise
                 where = self.run_dir if self.run_dir is not None else self.ckpt.directory
-                prev = f"step {self.last_saved}" if self.last_saved >= 0 else "none yet"
+                kept = (f"the last good checkpoint (step {self.last_saved}) is intact" if self.last_saved >= 0
+                        else "no checkpoint was completed before (a resume starts from step 0)")
+                self.ckpt.discard_incomplete(step)  # a torn checkpoint would block the resume
                 raise StorageError(
                     f"{self.ckpt.directory}: cannot write the checkpoint at step {step} "
-                    f"({_reason(err)}); the last good checkpoint ({prev}) is intact -- free space, then "
+                    f"({_reason(err)}); {kept} -- free space, then "
                     f"{resume_command(where)}") from None
             self.last_saved = step
             if self.on_save is not None:

@@ -72,6 +72,39 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_resumes_exactly(tmp_pa
     assert result.metrics["weights_sha256"] == ref.metrics["weights_sha256"]
 
 
+def test_disk_full_at_the_first_checkpoint_leaves_a_run_that_resumes_from_step_0(tmp_path, monkeypatch, capfd):
+    """The first save fails halfway (a torn index and TensorFlow's shard directory, as a full
+    disk leaves them): the run stops in one line, the torn files are removed, and the resume
+    starts from step 0 and reaches the uninterrupted run's weights. A torn save that nobody could
+    clean up (a killed process) is skipped with a warning."""
+    ref = gradlab.run(CFG, run_dir=tmp_path / "ref", quiet=True, verbose=0)
+    real_save = resume_mod.Checkpointer.save
+
+    def torn(self, step, per_epoch):
+        (self.directory / f"ckpt-{step}_temp").mkdir(parents=True, exist_ok=True)
+        (self.directory / f"ckpt-{step}_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x" * 10)
+        (self.directory / f"ckpt-{step}.index").write_bytes(b"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(resume_mod.Checkpointer, "save", torn)
+        with pytest.raises(StorageError, match=r"step 5 \(No space left on device\); no checkpoint was completed before \(a resume starts from step 0\) -- free space"):
+            gradlab.run(CFG, run_dir=run, quiet=True, verbose=0)
+    assert not list((run / "checkpoints").glob("ckpt-5*")), "the torn checkpoint was left behind"
+    # what a process killed in the middle of a save leaves, which no one could remove
+    (run / "checkpoints" / "ckpt-5_temp").mkdir()
+    (run / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    capfd.readouterr()
+    assert resume_mod.Checkpointer.save is real_save
+    result = gradlab.run(resume=run, quiet=True, verbose=0)
+    warned = capfd.readouterr().err
+    assert f"checkpoint {run / 'checkpoints' / 'ckpt-5'} was never completed" in warned, warned
+    assert "resumed_from_step" not in result.metrics
+    assert result.metrics["steps"] == ref.metrics["steps"]
+    assert result.metrics["weights_sha256"] == ref.metrics["weights_sha256"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, signum):
     """Ctrl-C, and what `kill`, `timeout`, docker, Slurm or a closed terminal send."""
