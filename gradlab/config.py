@@ -63,6 +63,7 @@ INITIALIZER_CHOICES: dict[str, tuple[str, ...]] = {
     "distribution": ("truncated_normal", "untruncated_normal", "normal", "uniform"),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SYNTHETIC_MAX_VALUES = 2**28  # float32 values of generated data (1 GiB), all in memory
 NAME_MAX = 200  # the run directory adds "-YYYYmmdd-HHMMSS[-N]"; file systems allow 255 bytes
 OVERRIDE_SOURCE = "command line"
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max (no numpy import here)
@@ -90,7 +91,8 @@ class DataConfig:
                              only_for=("name", FILE_DATASETS))
     validation_split: float = _f(0.0, "float", "fraction of each class held out for validation (rows picked with the seed)",
                                  minimum=0.0, maximum=0.9)
-    samples: int = _f(300, "int", "synthetic: number of samples", minimum=2,
+    samples: int = _f(300, "int", "synthetic: number of samples (samples x features at most 2**28: "
+                      "generated in memory)", minimum=2,
                       only_for=("name", ("synthetic",)))
     features: int = _f(4, "int", "synthetic: input features (the seed's 4)", minimum=1,
                        only_for=("name", ("synthetic",)))
@@ -570,6 +572,12 @@ def _check_cross(chk: _Checker, exp: dict) -> None:
     if train.jit_compile and train.distribute == "mirrored" and train.cpu_devices > 1:
         chk.add(("train", "jit_compile"), "XLA cannot compile a step mirrored over logical CPU devices (each "
                                           "replica's variables live on its own device); set jit_compile: false")
+    if data.name == "synthetic" and data.samples * data.features > SYNTHETIC_MAX_VALUES:
+        size = data.samples * data.features * 4 / 2**30
+        chk.add(("data", "samples"), f"synthetic data is generated in memory: samples x features = "
+                                     f"{data.samples} x {data.features} = {data.samples * data.features:,} values "
+                                     f"({size:,.1f} GiB of float32), more than {SYNTHETIC_MAX_VALUES:,} (1 GiB); "
+                                     f"for more, write it to a file and stream it (data.name: tfrecord)")
     if data.name in FILE_DATASETS and not data.path:
         chk.add(("data", "path"), f"required when data.name is {data.name} (the file to read)")
     if model.kind == "mlp" and not model.hidden:

@@ -81,6 +81,13 @@ class WorkerLostError(GradlabError):
     exit_code = 4
 
 
+class UserCodeError(GradlabError):
+    """A user's own callback or diagnostic (from ``callbacks:`` or a ``diagnostics`` import path)
+    raised during training; the message names its config entry and the hook."""
+
+    exit_code = 2
+
+
 class RunInterrupted(GradlabError, KeyboardInterrupt):
     """Ctrl-C (SIGINT) during training: a checkpoint was saved; the message says how to resume."""
 

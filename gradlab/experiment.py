@@ -443,6 +443,7 @@ def _run(config, overrides, *, run_dir, resume, verbose, quiet, held: contextlib
         except Exception as err:
             distribute.raise_if_worker_lost(err, strategy, path if chief else path or work_dir,
                                             int(model.optimizer.iterations.numpy()) if chief else None)
+            plugins.raise_if_user_code(err, exp, diagnostics, user_callbacks)
             raise
         resume_mod.release_step_writers(callbacks)  # the run's training is over: their event files close
         metrics = _final_metrics(model, data)

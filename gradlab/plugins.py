@@ -208,3 +208,29 @@ def build_callbacks(exp: Experiment, log_dir: str) -> tuple[list, list]:
                    for s in specs]
     callbacks = [instantiate_callback(s) for s in exp.callbacks]
     return diagnostics, callbacks
+
+
+def user_code_owners(exp: Experiment, diagnostics: list, callbacks: list) -> dict[int, str]:
+    """``{id(object): config entry}`` for the user's own code in a run: every ``callbacks:`` entry,
+    and every diagnostic whose class is not gradlab's (a ``diagnostics`` import path)."""
+    owners = {id(cb): f"callbacks.{i} ({spec.cls})" for i, (cb, spec) in enumerate(zip(callbacks, exp.callbacks))}
+    for i, (diag, spec) in enumerate(zip(diagnostics, exp.diagnostics or ())):
+        if not type(diag).__module__.startswith("gradlab."):
+            owners[id(diag)] = f"diagnostics.{i} ({spec.type})"
+    return owners
+
+
+def raise_if_user_code(err: BaseException, exp: Experiment, diagnostics: list, callbacks: list) -> None:
+    """Raise :class:`~gradlab.errors.UserCodeError` (one line naming the config entry and the
+    Keras hook) when ``err`` came out of the user's own callback or diagnostic: a frame of its
+    traceback runs a method of one (the outermost such frame names the hook Keras called)."""
+    from gradlab.errors import UserCodeError
+
+    owners = user_code_owners(exp, diagnostics, callbacks)
+    tb = err.__traceback__
+    while tb is not None and owners:
+        owner = owners.get(id(tb.tb_frame.f_locals.get("self")))
+        if owner is not None:
+            raise UserCodeError(f"{owner} raised {type(err).__name__} in {tb.tb_frame.f_code.co_name}: "
+                                f"{first_line(err)}") from err
+        tb = tb.tb_next

@@ -63,13 +63,24 @@ def test_constant_initializer_without_value_is_accepted_by_validate_and_then_run
 
 
 def test_initializer_argument_in_exponent_notation_is_a_number(tmp_path, write_yaml):
-    # train.learning_rate: 1e-3 is accepted (PyYAML reads it as a string; config.py converts it),
-    # but an initializer's stddev: 1e-3 is refused: "expected a finite number, got string '1e-3'".
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; gradlab's YamlLoader reads it as a number, so an
+    # initializer's stddev: 1e-3 is accepted like train.learning_rate: 1e-3.
     cfg = write_yaml("data: {name: synthetic}\n"
                      "model: {kernel_initializer: {name: random_normal, stddev: 1e-3}}\n"
                      "train: {learning_rate: 1e-3}\n")
     proc = gradlab_cli("validate", str(cfg))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_synthetic_data_too_large_for_memory_is_refused_by_validate(tmp_path, write_yaml):
+    # 1e8 x 1e8 values: validate said ok and the run died of MemoryError as an "internal error"
+    cfg = write_yaml("data: {name: synthetic, samples: 100000000, features: 100000000}\n")
+    proc = gradlab_cli("validate", str(cfg))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert ":1: data.samples: synthetic data is generated in memory: samples x features = 100000000 x 100000000" in lines[0]
+    assert gradlab_cli("validate", str(write_yaml("data: {name: synthetic, samples: 100000, features: 2000}\n"))
+                       ).returncode == 0
 
 
 # --- config: overrides and error lines -----------------------------------------------------------

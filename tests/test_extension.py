@@ -13,6 +13,8 @@ import gradlab
 from gradlab.errors import ConfigError
 from gradlab.events import read_scalars
 
+from conftest import gradlab_cli
+
 PLUGIN = textwrap.dedent('''
     """A third-party plug-in, written exactly like the example in docs/diagnostics.md."""
     import json
@@ -171,3 +173,39 @@ def test_the_plugin_example_in_the_base_class_docstring_works_as_written(tmp_pat
     assert [s for s, _ in zero][:3] == [0, 3, 6]
     assert all(0.0 <= v <= 1.0 for _, v in zero)
     assert [s for s, _ in scalars["sparsity/zero_fraction_max"]] == [s for s, _ in zero]
+
+
+def test_user_code_raising_during_training_is_one_line_naming_its_entry(tmp_path):
+    """A user's callback (or own diagnostic) that raises in a hook is the user's error, not
+    gradlab's: one line naming the config entry and the hook, exit status 2, the run failed."""
+    name = f"raising_plugin_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent('''
+        import keras
+        from gradlab.callbacks import Diagnostic
+
+        class RaisesTrain(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch == 2:
+                    raise ValueError("boom in batch\\nsecond line")
+
+        class RaisesProbe(Diagnostic):
+            uses_probe = True
+
+            def write_probe(self, step, values):
+                raise KeyError("no such thing")
+    '''))
+    base = {"name": "ext", "seed": 0, "data": {"name": "synthetic", "samples": 60, "batch_size": 10},
+            "model": {"kind": "softmax_linear"}, "train": {"epochs": 1}}
+    cases = [({"callbacks": [{"class": f"{name}:RaisesTrain"}]},
+              f"callbacks.0 ({name}:RaisesTrain) raised ValueError in on_train_batch_end: boom in batch"),
+             ({"diagnostics": [{"type": "nonfinite"}, {"type": f"{name}:RaisesProbe", "every": 2}]},
+              f"diagnostics.1 ({name}:RaisesProbe) raised KeyError in on_train_begin: 'no such thing'")]
+    for i, (extra, expected) in enumerate(cases):
+        cfg = tmp_path / f"c{i}.json"
+        cfg.write_text(json.dumps({**base, **extra}))  # JSON is YAML
+        run = tmp_path / f"run{i}"
+        proc = gradlab_cli("run", str(cfg), "--run-dir", str(run), "--quiet", env={"PYTHONPATH": str(tmp_path)})
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert lines == [expected], lines
+        assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
