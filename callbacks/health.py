@@ -20,7 +20,12 @@ Rules, with the constructor argument of each threshold (defaults in brackets):
   ``v > exploding_factor`` [10] times the median of the last ``exploding_window`` [10] earlier
   finite values (a median of 0 never triggers). A ``nonfinite`` event (NaN/Inf loss or
   gradient, see :mod:`gradlab.callbacks.nonfinite`) is an exploding verdict for the layer it
-  names, at its exact step.
+  names, at its exact step. And it holds when a layer's update is far larger than its weights:
+  ``gradients/<layer>/<variable>/update_ratio = ||Δw|| / ||w|| > exploding_update_ratio`` [10]
+  (or NaN/Inf: the norms overflowed float32) for any variable but the additive offsets
+  (``bias``, ``beta``: they start at zero, where a small update is a large ratio). This catches divergence that the gradient norms do not show:
+  cross-entropy's gradient is bounded by the inputs, so with a huge learning rate the weights
+  (and the loss) blow up while every gradient norm stays ordinary.
 * **dead** -- relu layers (``meta["activation"][layer] == "relu"``): ``activations/<layer>/
   dead_fraction > dead_fraction`` [0.5], i.e. most units are zero for every probe sample.
 * **saturated** -- sigmoid/tanh layers: ``activations/<layer>/saturated_fraction >
@@ -48,6 +53,8 @@ from typing import Mapping, Sequence
 from gradlab.callbacks.base import Diagnostic, check_int, check_number, register
 
 VERDICTS = ("vanishing", "exploding", "dead", "saturated")
+# Variables that start at zero and shift a layer's output: a small update is a large ratio there.
+OFFSET_VARIABLES = ("bias", "beta")
 LOSS_SERIES = "health/_loss"  # training loss from Keras's logs (observations only, never written)
 
 
@@ -80,7 +87,7 @@ class _Track:
 def judge(series: Mapping[str, Sequence[tuple[int, float]]], kinds: Mapping[str, str] | None = None,
           events: Sequence[Mapping] = (), *, vanishing_norm: float = 1e-6, vanishing_ratio: float = 1e-3,
           converged_loss: float = 1e-3, exploding_factor: float = 10.0, exploding_window: int = 10,
-          exploding_min_history: int = 3, dead_fraction: float = 0.5,
+          exploding_min_history: int = 3, exploding_update_ratio: float = 10.0, dead_fraction: float = 0.5,
           saturated_fraction: float = 0.5) -> list[dict]:
     """The verdicts for observed ``series`` (``{tag: [(step, value), ...]}``); see the module docstring.
 
@@ -144,6 +151,22 @@ def judge(series: Mapping[str, Sequence[tuple[int, float]]], kinds: Mapping[str,
                 history.append(value)
         if values:
             last_seen[f"{layer}:exploding"] = values[-1][0]
+    # -- exploding: updates far larger than the weights they change
+    for tag, values in series.items():
+        if not (tag.startswith("gradients/") and tag.endswith("/update_ratio")):
+            continue
+        layer, _, variable = tag[len("gradients/"):-len("/update_ratio")].rpartition("/")
+        if not layer or variable in OFFSET_VARIABLES:
+            continue
+        values = sorted(values)
+        for step, value in values:
+            if not math.isfinite(value) or value > exploding_update_ratio:  # inf, NaN: norms overflowed
+                # (written at due steps only: holding at the last one, it holds to the end)
+                track(layer, "exploding").hold(step, value, reason="update", variable=variable,
+                                               to_the_end=step == values[-1][0])
+        if values:
+            last_seen[f"{layer}:exploding"] = max(last_seen.get(f"{layer}:exploding", -1), max(s for s, _ in values))
+
     # -- exploding: nonfinite events (exact step)
     for event in events:
         if event.get("kind") != "nonfinite":
@@ -175,6 +198,7 @@ def judge(series: Mapping[str, Sequence[tuple[int, float]]], kinds: Mapping[str,
         if t.first is None:
             continue
         ended = t.last is not None and t.last < last_seen.get(f"{layer}:{verdict}", t.last)
+        ended = ended and not t.extra.get("to_the_end", False)
         verdicts.append({"layer": layer, "verdict": verdict, "first_step": int(t.first), "last_step": int(t.last),
                          "value": None if t.value is None or not math.isfinite(t.value) else float(t.value),
                          "message": _message(layer, verdict, t, kinds.get(layer), ended)})
@@ -203,6 +227,10 @@ def _message(layer: str, verdict: str, t: _Track, kind: str | None, ended: bool)
         return f"{layer}: {what} became {event.get('value', 'nonfinite')} at step {t.first} ({where})"
     if reason == "nonfinite":
         return f"{layer}: gradient norm became nonfinite {when}"
+    if reason == "update":
+        if not math.isfinite(t.value):  # ||Δw|| (and ||w||) beyond float32's range
+            return f"{layer}: updates too large for float32 ({t.extra.get('variable')}: update_ratio {t.value}) {when}"
+        return f"{layer}: updates {t.value:.3g}x the size of the weights ({t.extra.get('variable')}) {when}"
     median = t.extra.get("median", 0.0)
     return f"{layer}: gradient norm jumped to {t.value:.3g} ({t.value / median:.0f}x its recent median {median:.3g}) {when}"
 
@@ -229,14 +257,16 @@ class Health(Diagnostic):
             run length, and the verdicts (their first steps) are the same. The end of training
             always judges.
         vanishing_norm, vanishing_ratio, converged_loss, exploding_factor, exploding_window,
-        exploding_min_history, dead_fraction, saturated_fraction: see :func:`judge`.
+        exploding_min_history, exploding_update_ratio, dead_fraction, saturated_fraction: see
+        :func:`judge`.
     """
 
     schedule_options = ()  # `every` is a re-judging cadence: any value works between executions
 
     def __init__(self, *, log_dir: str | None = None, every: int = 50, vanishing_norm: float = 1e-6,
                  vanishing_ratio: float = 1e-3, converged_loss: float = 1e-3, exploding_factor: float = 10.0,
-                 exploding_window: int = 10, exploding_min_history: int = 3, dead_fraction: float = 0.5,
+                 exploding_window: int = 10, exploding_min_history: int = 3,
+                 exploding_update_ratio: float = 10.0, dead_fraction: float = 0.5,
                  saturated_fraction: float = 0.5, probe_data=None, probe_size: int = 256):
         super().__init__(log_dir=log_dir, every=every, probe_data=probe_data, probe_size=probe_size)
         self.thresholds = {
@@ -246,6 +276,7 @@ class Health(Diagnostic):
             "exploding_factor": check_number("exploding_factor", exploding_factor),
             "exploding_window": check_int("exploding_window", exploding_window),
             "exploding_min_history": check_int("exploding_min_history", exploding_min_history),
+            "exploding_update_ratio": check_number("exploding_update_ratio", exploding_update_ratio),
             "dead_fraction": check_number("dead_fraction", dead_fraction, below_one=True),
             "saturated_fraction": check_number("saturated_fraction", saturated_fraction, below_one=True),
         }

@@ -72,6 +72,29 @@ def test_exploding_nonfinite_values_and_events():
     assert v[0]["first_step"] == 7 and v[0]["message"] == "h: gradient became NaN at step 7 (h/kernel)"
 
 
+def test_exploding_updates_far_larger_than_the_weights():
+    """A huge learning rate with cross-entropy: the gradient norms stay ordinary (bounded by the
+    inputs) while each update dwarfs the weights. Offsets (bias) are not judged: they start at 0."""
+    series = {"gradients/h/layer_norm": [(0, 1.0), (10, 1.1), (20, 0.9)],
+              "gradients/h/kernel/update_ratio": [(0, 0.01), (10, 250.0), (20, 0.5)],
+              "gradients/h/bias/update_ratio": [(0, 1.0), (10, 1e6), (20, 1e6)],
+              "gradients/out/kernel/update_ratio": [(0, math.inf), (10, math.nan)]}
+    v = _only(judge(series), "exploding")
+    assert [(x["layer"], x["first_step"], x["last_step"]) for x in v] == [("out", 0, 10), ("h", 10, 10)]
+    assert v[0]["message"] == "out: updates too large for float32 (kernel: update_ratio nan) from step 0"
+    assert v[1]["message"] == "h: updates 250x the size of the weights (kernel) at step 10"
+    assert [x["layer"] for x in _only(judge(series, exploding_update_ratio=300.0), "exploding")] == ["out"]
+
+
+def test_a_diverging_run_with_bounded_gradients_gets_an_exploding_verdict(tmp_path):
+    # learning rate 1e30 on raw iris: the loss reaches ~1e31 while the gradient norms stay ~5
+    result = gradlab.run(ROOT / "configs" / "default.yaml", ["train.learning_rate=1e30", "data.standardize=false",
+                                                             "train.epochs=2"], run_dir=tmp_path / "run", quiet=True)
+    assert result.metrics["loss"] > 1e20
+    assert ("logits", "exploding", 0) in {(v["layer"], v["verdict"], v["first_step"])
+                                          for v in result.metrics["verdicts"]}, result.metrics["verdicts"]
+
+
 def test_dead_and_saturated_need_the_right_activation():
     series = {"activations/r/dead_fraction": [(0, 0.2), (50, 0.75), (100, 0.8)],
               "activations/s/saturated_fraction": [(0, 0.97), (50, 0.97), (100, 0.3)],
