@@ -672,11 +672,18 @@ def _tfrecord_chunks(cfg: DataConfig):
     ds = tf.data.TFRecordDataset(cfg.path).batch(CHUNK_ROWS)
     first = 0
     width = None
+    consumed = 0  # bytes of the records read: each is its data plus 16 (length, two CRCs)
     it = iter(ds)
     while True:
         try:
             raw = next(it)
         except StopIteration:
+            # TensorFlow stops silently at a record header cut short (a truncated copy): the
+            # records must account for every byte of the file.
+            size = Path(cfg.path).stat().st_size
+            if consumed != size:
+                raise DataError(f"{cfg.path}: record {first}: truncated TFRecord data ({size - consumed} bytes "
+                                f"after the last whole record; {first} records read)") from None
             return
         except tf.errors.DataLossError:
             bad = first
@@ -701,6 +708,7 @@ def _tfrecord_chunks(cfg: DataConfig):
             raise
         xsp, ysp = parsed[cfg.x_key], parsed[cfg.y_key]
         n = int(raw.shape[0])
+        consumed += int(tf.reduce_sum(tf.strings.length(raw))) + 16 * n
         xlen = np.bincount(xsp.indices[:, 0].numpy(), minlength=n)
         ylen = np.bincount(ysp.indices[:, 0].numpy(), minlength=n)
         if width is None:

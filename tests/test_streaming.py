@@ -106,9 +106,24 @@ def test_tfrecord_layout_errors(tmp_path):
         make_data(_cfg("tfrecord", path), seed=0)
     with pytest.raises(DataError, match=r"record 0: feature 'feats' is missing"):
         make_data(_cfg("tfrecord", path, x_key="feats"), seed=0)
-    path.write_bytes(path.read_bytes()[:-7])  # torn last record
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # torn last record
     with pytest.raises(DataError, match=r"record 4: corrupted or truncated"):
         load_arrays(_cfg("tfrecord", path))
+    # cut inside a record's 12-byte header (its length and the length's CRC): TensorFlow stops
+    # there without an error, as if the file ended one record earlier
+    good = tmp_path / "good.tfrecord"
+    write_tfrecord(str(good), np.ones((5, 4), np.float32), np.arange(5) % 2)
+    whole = good.read_bytes()
+    start = 0
+    for _ in range(4):  # the offset of record 4: walk the length fields
+        start += int.from_bytes(whole[start:start + 8], "little") + 16
+    good.write_bytes(whole[:start + 7])
+    with pytest.raises(DataError, match=r"good\.tfrecord: record 4: truncated TFRecord data \(7 bytes after the "
+                                        r"last whole record; 4 records read\)"):
+        make_data(_cfg("tfrecord", good), seed=0)
+    good.write_bytes(whole)
+    assert make_data(_cfg("tfrecord", good), seed=0) is not None
 
 
 def test_streamed_csv_with_a_byte_order_mark_and_no_header(tmp_path):
