@@ -4,9 +4,10 @@ One column per run, four panels per column:
 
 1. **loss** -- ``step/loss`` over steps, with the per-epoch ``epoch_loss`` of the training and
    validation runs placed at the step each epoch ended (``epoch * steps / epochs``);
-2. **gradient norm per layer** -- ``gradients/<layer>/layer_norm`` over steps, log scale (values
-   ``<= 0`` cannot be drawn on a log axis and are left out); when a run only has per-variable
-   norms, ``gradients/<layer>/<var>/norm`` is drawn instead;
+2. **gradient norm per layer** -- ``gradients/<layer>/layer_norm`` over steps, log scale; a norm
+   of exactly 0 (a dead layer), which a log axis cannot show, is drawn as a down-pointing marker
+   at the bottom of the panel (a tenth of the smallest positive norm) and its legend entry says
+   so; when a run only has per-variable norms, ``gradients/<layer>/<var>/norm`` is drawn instead;
 3. **activation health per layer** -- ``activations/<layer>/saturated_fraction`` (solid) and
    ``dead_fraction`` (dashed), in ``[0, 1]``;
 4. **verdicts** -- the health verdicts in ``metrics.json`` (or the run's status and error line).
@@ -362,6 +363,7 @@ def draw(views: list[RunView], out: str | os.PathLike, title: str = "") -> Repor
                         transform=ax.transAxes, color="gray")
                 ax.set_xticks([])
                 ax.set_yticks([])
+            floor = _log_floor([view.scalars[tag] for tag in panel.series.values()]) if panel.log_scale else None
             for label, tag in panel.series.items():
                 points = view.scalars[tag]
                 xs = [s for s, _ in points]
@@ -369,11 +371,17 @@ def draw(views: list[RunView], out: str | os.PathLike, title: str = "") -> Repor
                 if tag.endswith("epoch_loss") and view.steps_per_epoch:
                     xs = [(s + 1) * view.steps_per_epoch for s in xs]
                 style = "--" if label.endswith(" dead") or label.startswith("validation") else "-"
+                zeros = []
                 if panel.log_scale:
+                    zeros = [x for x, y in zip(xs, ys) if y <= 0]
                     pairs = [(x, y) for x, y in zip(xs, ys) if y > 0]
                     xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
                 marker = "o" if len(xs) <= 12 else None
-                ax.plot(xs, ys, style, label=label, marker=marker, markersize=3, linewidth=1.4)
+                if zeros:
+                    label += " (all 0, at the bottom)" if not xs else " (0 at the bottom)"
+                (line,) = ax.plot(xs, ys, style, label=label, marker=marker, markersize=3, linewidth=1.4)
+                if zeros:
+                    ax.plot(zeros, [floor] * len(zeros), "v", color=line.get_color(), markersize=5)
             if panel.series:
                 if panel.log_scale and ax.lines and any(len(ln.get_xdata()) for ln in ax.lines):
                     ax.set_yscale("log")
@@ -409,6 +417,13 @@ def _out_problem(out: Path) -> str | None:
         if parent.exists():
             return None if parent.is_dir() else f"{str(parent)!r} is not a directory"
     return None
+
+
+def _log_floor(series: list) -> float:
+    """Where a log-scale panel draws its zeros: a tenth of the smallest positive value of its
+    ``series`` (lists of ``(step, value)``), or 1e-12 when none is positive."""
+    positive = [v for points in series for _, v in points if v > 0]
+    return min(positive) / 10 if positive else 1e-12
 
 
 def _save_png(fig, out: Path) -> None:

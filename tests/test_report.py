@@ -244,3 +244,28 @@ def test_a_broken_run_metrics_json_in_a_sweep_is_one_line(sweep, tmp_path, capsy
     assert line.startswith(f"{copy / GOOD[1] / 'metrics.json'}: top level: expected an object")
 
 
+
+
+def test_a_dead_layer_with_zero_gradient_norms_is_drawn_not_dropped(tmp_path, monkeypatch):
+    """Norms of exactly 0 cannot sit on a log axis; they used to vanish from the panel, hiding
+    the very layers that are dead. They are drawn at the bottom, and the legend says so."""
+    import matplotlib.pyplot as plt
+
+    import gradlab
+    from conftest import ROOT
+
+    result = gradlab.run(ROOT / "configs" / "demo_relu_dead.yaml", ["train.epochs=1"], run_dir=tmp_path / "run",
+                         quiet=True)
+    zero = {layer for layer in ("hidden_1", "hidden_2")
+            if all(v == 0 for _, v in read_scalars(result.run_dir)[f"gradients/{layer}/layer_norm"])}
+    assert zero, "the demo no longer has a layer with all-zero gradients"
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or real_close(fig))
+    report(result.run_dir, tmp_path / "dead.png")
+    ax = figures[0].axes[PANELS.index("gradient norm")]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {f"{layer} (all 0, at the bottom)" for layer in zero} <= set(legend), legend
+    bottoms = [ln for ln in ax.lines if ln.get_marker() == "v"]
+    assert len(bottoms) == len(zero)
+    assert all(0 < y < ax.get_ylim()[1] for ln in bottoms for y in ln.get_ydata())
