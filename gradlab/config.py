@@ -781,10 +781,38 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: list[str] | t
     """
     raw, file, lines = load_raw(config)
     data, where = apply_overrides(raw, list(overrides))
-    exp = from_dict(data, file=file, lines=lines, overrides=where)
+    try:
+        exp = from_dict(data, file=file, lines=lines, overrides=where)
+    except ConfigError as err:
+        if not check_plugins:
+            raise
+        # Every problem at once: also those of the diagnostics and callbacks, which the plug-ins
+        # judge (skipped where the sections themselves are malformed: those are reported above).
+        extra = [p for p in _plugin_problems_of(data, file, lines, where) if p not in err.problems]
+        raise ConfigError(err.problems + extra) from None
     if check_plugins:
         validate_plugins(exp, lines=lines, overrides=where)
     return exp
+
+
+def _plugin_problems_of(data: Any, file: str, lines: dict, where: dict) -> list[tuple]:
+    """:func:`gradlab.plugins.check_specs` on the ``diagnostics`` and ``callbacks`` of a raw
+    config that failed validation elsewhere (``steps_per_execution`` 1 unless it is valid)."""
+    import types
+
+    from gradlab import plugins
+
+    if not isinstance(data, dict):
+        return []
+    scratch = _Checker(file, lines, where)  # their own structural problems are reported by from_dict
+    diagnostics = _check_diagnostics(scratch, data.get("diagnostics"))
+    callbacks = _check_callbacks(scratch, data.get("callbacks"))
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    spe = train.get("steps_per_execution", 1)
+    spe = spe if type(spe) is int and spe >= 1 else 1
+    exp = types.SimpleNamespace(diagnostics=diagnostics, callbacks=callbacks, source=file,
+                                train=types.SimpleNamespace(steps_per_execution=spe))
+    return plugins.check_specs(exp, lines, where)
 
 
 def validate_plugins(exp: Experiment, lines: dict[tuple, int] | None = None,

@@ -13,6 +13,7 @@ option is reported with its YAML line before any training starts.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -139,6 +140,17 @@ def check_specs(exp: Experiment, lines: dict[tuple, int] | None = None,
             instantiate_diagnostic(cls, spec, steps_per_execution=spe, log_dir=None)
         except _OptionError as err:
             add(("diagnostics", i) + ((err.key,) if err.key else ()), spec.line, err.message)
+            # A constructor stops at its first bad argument: try the others one at a time, so
+            # that every bad option is reported at once.
+            for key in spec.options:
+                if key == err.key:
+                    continue
+                try:
+                    instantiate_diagnostic(cls, dataclasses.replace(spec, options={key: spec.options[key]}),
+                                           steps_per_execution=spe, log_dir=None)
+                except _OptionError as other:
+                    if other.key == key:
+                        add(("diagnostics", i, key), spec.line, other.message)
     for i, spec in enumerate(exp.callbacks):
         try:
             instantiate_callback(spec)

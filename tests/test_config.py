@@ -109,6 +109,23 @@ def test_exponent_numbers_without_a_dot_are_numbers_everywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_every_problem_is_reported_at_once_also_those_the_plugins_judge(tmp_path):
+    """A schema problem no longer hides the diagnostics' and callbacks' problems, and a diagnostic
+    with several bad options names each of them (its constructor stops at the first)."""
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("train: {epochs: 0}\n"
+                   "diagnostics:\n"
+                   "  - {type: health, dead_fraction: 5, saturated_fraction: 7, converged_loss: 1e-3}\n"
+                   "callbacks:\n"
+                   "  - {class: 'no_such_module_here:Y'}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    paths = [p[2] for p in err.value.problems]
+    assert paths == ["train.epochs", "diagnostics.0.dead_fraction", "diagnostics.0.saturated_fraction",
+                     "callbacks.0.class"], str(err.value)
+    assert [p[1] for p in err.value.problems] == [1, 3, 3, 5]
+
+
 def test_unsafe_yaml_tags_are_rejected(tmp_path):
     cfg = tmp_path / "evil.yaml"
     cfg.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
