@@ -599,7 +599,8 @@ def _check_diagnostics(chk: _Checker, raw: Any) -> tuple[DiagnosticSpec, ...] | 
         if isinstance(item, str):
             item = {"type": item}
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
-            chk.add(("diagnostics", i), f"expected a mapping with a 'type' key, got {item!r}")
+            chk.add(("diagnostics", i), f"expected a type name or a mapping with a 'type' key (gradient_stats, or "
+                                        f"{{type: gradient_stats, every: 10}}), got {item!r}")
             continue
         options = {k: v for k, v in item.items() if k != "type"}
         specs.append(DiagnosticSpec(type=item["type"], options=options, line=chk.lines.get(("diagnostics", i))))
@@ -879,8 +880,10 @@ def json_schema() -> dict:
             "model": section(ModelConfig),
             "train": section(TrainConfig),
             "diagnostics": {"type": ["array", "null"], "description": "diagnostics to run; omit for the default set, [] for none",
-                            "items": {"type": "object", "required": ["type"],
-                                      "properties": {"type": {"type": "string"}, "every": {"type": "integer", "minimum": 1}}}},
+                            "items": {"anyOf": [
+                                {"type": "string", "description": "a type with its default options"},
+                                {"type": "object", "required": ["type"],
+                                 "properties": {"type": {"type": "string"}, "every": {"type": "integer", "minimum": 1}}}]}},
             "callbacks": {"type": "array", "description": "extra Keras callbacks by import path",
                           "items": {"type": "object", "required": ["class"], "additionalProperties": False,
                                     "properties": {"class": {"type": "string", "pattern": "^[A-Za-z_][\\w.]*:[A-Za-z_]\\w*$"},
@@ -924,7 +927,7 @@ def reference_markdown() -> str:
             only = f.metadata.get("only_for")
             note = f" (only when `{section}.{only[0]}` is {' or '.join(only[1])})" if only else ""
             rows.append(f"| `{section}.{f.name}` | `{json.dumps(default)}` | {allowed(f)} | {f.metadata['help']}{note} |")
-    rows += ["| `diagnostics` | default set | list of `{type: NAME, ...options}` | omit for the defaults, `[]` for none |",
+    rows += ["| `diagnostics` | default set | list of `{type: NAME, ...options}` or bare `NAME`s (default options) | omit for the defaults, `[]` for none |",
              "| `callbacks` | `[]` | list of `{class: 'module:Class', args: {...}}` | extra Keras callbacks |",
              "| `sweep` | none | mapping `key.path: [values]` | a grid for `gradlab sweep` |"]
     return "\n".join(rows)
