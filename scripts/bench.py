@@ -35,7 +35,8 @@ Blocks:
    epochs of the fast state), better than epoch times but still exposed to the same drift.
 
 6. floor, lockstep_floor (the latter in the default run): the arithmetic of the gradient
-   statistics alone (:class:`FloorSGD`: the same TensorFlow reductions on the step's gradients,
+   statistics alone (floor_xla, lockstep_floor_xla, not in the default run: the same with XLA
+   fusing each gradient's reductions) (:class:`FloorSGD`: the same TensorFlow reductions on the step's gradients,
    with nothing around them) next to the diagnostics that need it: how much of their cost is the
    arithmetic and how much everything else, and a floor for the targets on this machine.
 
@@ -106,16 +107,33 @@ class FloorSGD(keras.optimizers.SGD):
 
     No window, no branch (:class:`FloorModel` runs a due and a plain compiled step, chosen in
     Python), no writes, no Python per step: the results go into one variable each, so that the
-    ops are not pruned, and the update waits only for the weight norms."""
+    ops are not pruned, and the update waits only for the weight norms.
 
-    def __init__(self, learning_rate, *, n_variables, norms_every_step=True, **kwargs):
+    ``xla``: the same arithmetic in XLA-compiled clusters inside the (not XLA-compiled) step
+    (:func:`_xla_norms`, :func:`_xla_stats`), where XLA can fuse the reductions over one
+    gradient into one pass: the alternative to TensorFlow's separate reductions (block
+    ``floor_xla``)."""
+
+    def __init__(self, learning_rate, *, n_variables, norms_every_step=True, xla=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.norms_every_step, self.due = norms_every_step, False
+        self.norms_every_step, self.due, self.xla = norms_every_step, False, xla
         self.kept_norms = tf.Variable(tf.zeros([n_variables]), trainable=False)
         self.kept_stats = tf.Variable(tf.zeros([5, n_variables]), trainable=False)
 
     def apply_gradients(self, grads_and_vars):
         grads_and_vars = list(grads_and_vars)
+        if self.xla:
+            grads = [g for g, _ in grads_and_vars]
+            before = []
+            if self.due:
+                stats = _xla_stats(grads, [tf.convert_to_tensor(v) for _, v in grads_and_vars])
+                self.kept_norms.assign(stats[0])
+                self.kept_stats.assign(stats[1:])
+                before = [stats]
+            elif self.norms_every_step:
+                self.kept_norms.assign(_xla_norms(grads))
+            with tf.control_dependencies(before):
+                return super().apply_gradients(grads_and_vars)
         grads = [tf.reshape(g, [-1]) for g, _ in grads_and_vars]
         if self.norms_every_step:
             self.kept_norms.assign(2.0 * tf.stack([tf.nn.l2_loss(g) for g in grads]))
@@ -128,6 +146,23 @@ class FloorSGD(keras.optimizers.SGD):
                 tf.stack([tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) for g in grads]), before[0]]))
         with tf.control_dependencies(before):
             return super().apply_gradients(grads_and_vars)
+
+
+@tf.function(jit_compile=True)
+def _xla_norms(grads):
+    """``sum(g^2)`` of every gradient, as one XLA cluster."""
+    return tf.stack([tf.reduce_sum(tf.square(g)) for g in grads])
+
+
+@tf.function(jit_compile=True)
+def _xla_stats(grads, weights):
+    """``[sum g^2, sum g, max g, min g, #(g == 0), sum w^2]`` per variable (rows), as one XLA cluster."""
+    rows = []
+    for g, w in zip(grads, weights):
+        g = tf.reshape(g, [-1])
+        rows.append(tf.stack([tf.reduce_sum(g * g), tf.reduce_sum(g), tf.reduce_max(g), tf.reduce_min(g),
+                              tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)), tf.reduce_sum(tf.square(w))]))
+    return tf.stack(rows, axis=1)
 
 
 class FloorModel(keras.Model):
@@ -189,7 +224,7 @@ class StepClock(keras.callbacks.Callback):
 
 class Variant:
     """One configuration to time: model kind, batch size, steps_per_execution, callbacks factory;
-    for ``kind="floor"``, ``floor=(norms_every_step, stats_every)`` (:class:`FloorSGD`)."""
+    for ``kind="floor"``, ``floor=(norms_every_step, stats_every[, xla])`` (:class:`FloorSGD`)."""
 
     def __init__(self, label, kind="gradlab", batch=256, spe=1, callbacks=None, floor=(True, 0)):
         self.label, self.kind, self.batch, self.spe, self.floor = label, kind, batch, spe, floor
@@ -205,7 +240,8 @@ class Variant:
         self.model, loss = make_model(self.kind)
         optimizer = keras.optimizers.SGD(0.01)
         if self.kind == "floor":
-            optimizer = FloorSGD(0.01, n_variables=len(self.model.trainable_variables), norms_every_step=self.floor[0])
+            optimizer = FloorSGD(0.01, n_variables=len(self.model.trainable_variables), norms_every_step=self.floor[0],
+                                 xla=len(self.floor) > 2 and self.floor[2])
             self.model.stats_every = self.floor[1]
         self.model.compile(optimizer=optimizer, loss=loss,
                            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
@@ -372,6 +408,14 @@ BLOCKS = {
                       Variant("gradlab, default diagnostics", callbacks=default_diagnostics),
                       Variant("gradlab, gradient_stats every step", callbacks=gradient_stats_every_step),
                       Variant(CONTROL)],
+    # The same arithmetic with XLA fusing each gradient's reductions (in clusters inside the step).
+    "floor_xla": lambda: [Variant("gradlab, no diagnostics"),
+                          Variant("floor: Keras step, nothing computed", kind="floor", floor=(False, 0)),
+                          Variant("floor: squared norms every step", kind="floor", floor=(True, 0)),
+                          Variant("floor XLA: squared norms every step", kind="floor", floor=(True, 0, True)),
+                          Variant("floor: + statistics every step", kind="floor", floor=(True, 1)),
+                          Variant("floor XLA: + statistics every step", kind="floor", floor=(True, 1, True)),
+                          Variant(CONTROL)],
     "second_order": lambda: [Variant("gradlab, no diagnostics"),
                              Variant("curvature every 100 steps, <=20 iterations", callbacks=curvature_every(100)),
                              Variant("curvature every step, <=20 iterations", callbacks=curvature_every(1)),
@@ -463,7 +507,7 @@ def run_lockstep(name, variants, x, y, rounds):
 
 # A lockstep block runs the variants of the named block (run_lockstep).
 LOCKSTEP = {"lockstep": "overhead", "lockstep_breakdown": "breakdown", "lockstep_second_order": "second_order",
-            "lockstep_floor": "floor"}
+            "lockstep_floor": "floor", "lockstep_floor_xla": "floor_xla"}
 
 
 def main(argv=None) -> int:

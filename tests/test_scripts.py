@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -34,10 +36,11 @@ def test_readme_config_reference_is_current():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_bench_floor_computes_the_statistics_it_stands_for():
+@pytest.mark.parametrize("xla", [False, True])
+def test_bench_floor_computes_the_statistics_it_stands_for(xla):
     """The floor rows of scripts/bench.py are a lower bound only if FloorSGD really does the
     statistics' arithmetic on the step's own gradients, on due steps only: checked against numpy
-    on gradients from a second tape."""
+    on gradients from a second tape (also its XLA-fused variant)."""
     import numpy as np
     import tensorflow as tf
 
@@ -47,7 +50,7 @@ def test_bench_floor_computes_the_statistics_it_stands_for():
     x, y = bench.make_data(512, seed=3)
     model, loss = bench.make_model("floor")
     model.stats_every = 2
-    optimizer = bench.FloorSGD(0.01, n_variables=len(model.trainable_variables))
+    optimizer = bench.FloorSGD(0.01, n_variables=len(model.trainable_variables), xla=xla)
     model.compile(optimizer=optimizer, loss=loss, jit_compile=False)
 
     def expected(xb, yb):
