@@ -176,7 +176,11 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = 
     """``value`` as a ``float`` when it is a finite real number (Python's or numpy's; not a bool)
     above ``minimum`` (``strict``; else at least it) and, with ``below_one``, below 1; else a
     one-line ``ValueError`` naming ``name``, the value and what is allowed."""
-    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
+    try:
+        finite = isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    ok = (not isinstance(value, (bool, np.bool_)) and finite
           and (value > minimum if strict else value >= minimum) and not (below_one and value >= 1))
     if not ok:
         if below_one:

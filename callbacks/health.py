@@ -22,7 +22,8 @@ Rules, with the constructor argument of each threshold (defaults in brackets):
   gradient, see :mod:`gradlab.callbacks.nonfinite`) is an exploding verdict for the layer it
   names, at its exact step. And it holds when a layer's update is far larger than its weights:
   ``gradients/<layer>/<variable>/update_ratio = ||Δw|| / ||w|| > exploding_update_ratio`` [10]
-  (or NaN/Inf: the norms overflowed float32) for any variable but the additive offsets
+  (or NaN/Inf: the norms overflowed float32) at two due steps in a row (a single one is the
+  first update of weights initialised tiny), for any variable but the additive offsets
   (``bias``, ``beta``: they start at zero, where a small update is a large ratio). This catches divergence that the gradient norms do not show:
   cross-entropy's gradient is bounded by the inputs, so with a huge learning rate the weights
   (and the loss) blow up while every gradient norm stays ordinary.
@@ -77,11 +78,15 @@ class _Track:
         self.extra: dict = {}
 
     def hold(self, step: int, value: float, **extra) -> None:
-        if self.first is None:
+        """The rule held at ``step``. Several rules (and variables) may feed one track, each in
+        step order but not in step order together: the first and last step are the min and max,
+        and the value and details are those of the latest step."""
+        if self.first is None or step < self.first:
             self.first = step
-        self.last, self.value = step, value
-        if extra:
-            self.extra = extra
+        if self.last is None or step >= self.last:
+            self.last, self.value = step, value
+            if extra:
+                self.extra = extra
 
 
 def judge(series: Mapping[str, Sequence[tuple[int, float]]], kinds: Mapping[str, str] | None = None,
@@ -151,7 +156,8 @@ def judge(series: Mapping[str, Sequence[tuple[int, float]]], kinds: Mapping[str,
                 history.append(value)
         if values:
             last_seen[f"{layer}:exploding"] = values[-1][0]
-    # -- exploding: updates far larger than the weights they change
+    # -- exploding: updates far larger than the weights they change, at two due steps in a row
+    # (one alone is the first update of weights initialised tiny: Adam moves each by ~lr)
     for tag, values in series.items():
         if not (tag.startswith("gradients/") and tag.endswith("/update_ratio")):
             continue
@@ -159,11 +165,12 @@ def judge(series: Mapping[str, Sequence[tuple[int, float]]], kinds: Mapping[str,
         if not layer or variable in OFFSET_VARIABLES:
             continue
         values = sorted(values)
-        for step, value in values:
-            if not math.isfinite(value) or value > exploding_update_ratio:  # inf, NaN: norms overflowed
+        big = [not math.isfinite(v) or v > exploding_update_ratio for _, v in values]  # inf, NaN: overflowed
+        for i, (step, value) in enumerate(values):
+            if big[i] and ((i > 0 and big[i - 1]) or (i + 1 < len(values) and big[i + 1])):
                 # (written at due steps only: holding at the last one, it holds to the end)
                 track(layer, "exploding").hold(step, value, reason="update", variable=variable,
-                                               to_the_end=step == values[-1][0])
+                                               to_the_end=i == len(values) - 1)
         if values:
             last_seen[f"{layer}:exploding"] = max(last_seen.get(f"{layer}:exploding", -1), max(s for s, _ in values))
 

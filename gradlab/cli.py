@@ -135,17 +135,7 @@ def _cmd_run(args) -> int:
         from gradlab.errors import RunDirError
 
         raise RunDirError("gradlab run: give a config file, or --resume RUN_DIR")
-    import signal
-
-    from gradlab.resume import stop_signals_interrupt
-
-    previous = stop_signals_interrupt()  # SIGTERM/SIGHUP: interrupted (and resumable), as with Ctrl-C
-    try:
-        run(args.config, args.overrides, run_dir=args.run_dir, resume=args.resume,
-            verbose=0 if args.quiet else "auto")
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    run(args.config, args.overrides, run_dir=args.run_dir, resume=args.resume, verbose=0 if args.quiet else "auto")
     return 0
 
 
@@ -279,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     from gradlab.errors import GradlabError, first_line
 
+    previous = {}
     try:
+        if args.command == "run":  # SIGTERM/SIGHUP: interrupted (and resumable), as with Ctrl-C, from here on
+            from gradlab.resume import stop_signals_interrupt
+
+            previous = stop_signals_interrupt()
         if args.command != "schema":  # every other command loads TensorFlow (or TensorBoard, which does)
             _import_tensorflow()
         return COMMANDS[args.command](args)
@@ -295,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradlab: internal error: {type(err).__name__}: {first_line(err) if str(err) else ''} "
               "(set GRADLAB_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous:
+            from gradlab.resume import restore_handlers
+
+            restore_handlers(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -264,19 +264,29 @@ class YamlLoader(yaml.SafeLoader):
     config file, override and sweep value."""
 
 
-YamlLoader.add_implicit_resolver(  # (a copy of SafeLoader's resolvers: the SafeLoader itself is unchanged)
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+class YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, knowing the same numbers as :class:`YamlLoader`: a *string* such as
+    '1e3' is written quoted, so that what gradlab writes (a run's ``config.yaml``, a sweep's
+    configs) reads back as it was."""
+
+
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                  |\.(?:nan|NaN|NAN))$""", re.X)
+for _cls in (YamlLoader, YamlDumper):  # (copies of SafeLoader's / SafeDumper's resolvers: those are unchanged)
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with :class:`YamlLoader`."""
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
+
+
+def dump_yaml(data: Any, **kwargs) -> str:
+    """``yaml.safe_dump`` with :class:`YamlDumper` (what :func:`load_yaml` reads back unchanged)."""
+    return yaml.dump(data, Dumper=YamlDumper, **kwargs)
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:

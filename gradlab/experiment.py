@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
-from gradlab.config import Experiment, check_execution_fits_epoch, load_config, round_to_execution
+from gradlab.config import Experiment, check_execution_fits_epoch, dump_yaml, load_config, round_to_execution
 from gradlab.errors import DeviceError, NonFiniteError, RunDirError, RunInterrupted, StorageError
 
 CONFIG_FILE = "config.yaml"
@@ -533,7 +532,7 @@ def weights_digest(model) -> str:
 
 
 def write_json_config(path: Path, exp: Experiment) -> None:
-    atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    atomic_write_text(path / CONFIG_FILE, dump_yaml(exp.to_dict(), sort_keys=False))
 
 
 def health_checked(config: Mapping[str, Any] | None) -> bool:

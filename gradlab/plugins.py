@@ -234,15 +234,21 @@ def user_code_owners(exp: Experiment, diagnostics: list, callbacks: list) -> dic
 
 def raise_if_user_code(err: BaseException, exp: Experiment, diagnostics: list, callbacks: list) -> None:
     """Raise :class:`~gradlab.errors.UserCodeError` (one line naming the config entry and the
-    Keras hook) when ``err`` came out of the user's own callback or diagnostic: a frame of its
-    traceback runs a method of one (the outermost such frame names the hook Keras called)."""
+    method) when ``err`` came out of the user's own code: a frame of its traceback runs a method
+    of the user's callback or diagnostic *defined outside gradlab* (the innermost such frame is
+    named). An error in gradlab's own code (e.g. the Diagnostic base class running for a user's
+    subclass) stays gradlab's."""
     from gradlab.errors import UserCodeError
 
     owners = user_code_owners(exp, diagnostics, callbacks)
+    found = None
     tb = err.__traceback__
     while tb is not None and owners:
-        owner = owners.get(id(tb.tb_frame.f_locals.get("self")))
-        if owner is not None:
-            raise UserCodeError(f"{owner} raised {type(err).__name__} in {tb.tb_frame.f_code.co_name}: "
-                                f"{first_line(err)}") from err
+        frame = tb.tb_frame
+        owner = owners.get(id(frame.f_locals.get("self")))
+        module = frame.f_globals.get("__name__", "")
+        if owner is not None and module != "gradlab" and not module.startswith("gradlab."):
+            found = (owner, frame.f_code.co_name)
         tb = tb.tb_next
+    if found is not None:
+        raise UserCodeError(f"{found[0]} raised {type(err).__name__} in {found[1]}: {first_line(err)}") from err

@@ -448,21 +448,22 @@ class Checkpointer:
         """Restore the newest readable checkpoint: ``(restore()'s result, its path)``, or
         ``(None, None)`` when there is no checkpoint at all.
 
-        Each unreadable newer checkpoint is named in a one-line warning on stderr. When there are
-        checkpoints but none is readable, raises :class:`RunDirError` (one line naming the
+        Each unreadable newer checkpoint is named in a one-line warning on stderr. One whose save
+        was cut short (TensorFlow's ``ckpt-N_temp`` shard directory is still there) and that
+        does not restore is skipped the same way, and does not count as unreadable. When there
+        are checkpoints but none is readable, raises :class:`RunDirError` (one line naming the
         directory) before anything was written.
         """
         d = Path(directory or self.directory)
-        candidates = []
+        failures: list[tuple[str, str]] = []
         for path in self.candidates(d):
-            if Path(f"{path}_temp").is_dir():  # TensorFlow merges the shards, then removes it: never finished
+            restored, why = _try_restore(self, path)
+            if restored is None and Path(f"{path}_temp").is_dir():
+                # TensorFlow writes the shards there, merges them, then removes it: a save that
+                # was cut short (full disk, killed process). Not a damaged run: ignored.
                 print(f"gradlab: warning: checkpoint {path} was never completed (its save was cut short); "
                       "ignored", file=sys.stderr, flush=True)
                 continue
-            candidates.append(path)
-        failures: list[tuple[str, str]] = []
-        for path in candidates:
-            restored, why = _try_restore(self, path)
             if restored is None:
                 failures.append((path, why))
                 continue
@@ -503,6 +504,11 @@ class Checkpointer:
         import shutil
 
         prefix = self.directory / f"ckpt-{step}"
+        index = Path(f"{prefix}.index")
+        if not Path(f"{prefix}_temp").is_dir() and index.is_file() and index.stat().st_size > 0:
+            # Written whole (the manager's bookkeeping after it failed, e.g. deleting the oldest
+            # checkpoint): a resume can use it.
+            return
         shutil.rmtree(f"{prefix}_temp", ignore_errors=True)
         for leftover in self.directory.glob(f"ckpt-{step}.*"):
             try:
@@ -605,11 +611,9 @@ def make_callback(**kwargs):
             self.interrupted = False
             if self.restored_path:
                 self.ckpt.restore_taps(self.restored_path)
-            if threading.current_thread() is threading.main_thread():
-                # Ctrl-C, and what a scheduler or a closed terminal sends (SIGTERM: timeout, docker
-                # stop, Slurm, Kubernetes; SIGHUP): save a checkpoint at the next step and stop.
-                for signum in STOP_SIGNALS:
-                    self._previous_handlers[signum] = signal.signal(signum, self._on_sigint)
+            # Ctrl-C, and what a scheduler or a closed terminal sends (SIGTERM: timeout, docker
+            # stop, Slurm, Kubernetes; SIGHUP): save a checkpoint at the next step and stop.
+            self._previous_handlers = install_stop_handler(self._on_sigint)
 
         def _on_sigint(self, signum, frame):
             if self.interrupted:  # a second Ctrl-C: stop now (the last checkpoint stays valid)
@@ -657,9 +661,8 @@ def make_callback(**kwargs):
                 self._interrupt(step)
 
         def _restore_handler(self):
-            for signum, handler in self._previous_handlers.items():
-                signal.signal(signum, handler)
-            self._previous_handlers = {}
+            previous, self._previous_handlers = self._previous_handlers, {}
+            restore_handlers(previous)
 
     return _Resume(**kwargs)
 
@@ -668,19 +671,37 @@ def make_callback(**kwargs):
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+def install_stop_handler(handler, signals=STOP_SIGNALS) -> dict:
+    """Set ``handler`` for each of ``signals`` that is not ignored, and return the previous
+    handlers (for :func:`restore_handlers`). A signal whose handler is ``SIG_IGN`` keeps it: the
+    caller's choice (``nohup`` ignores SIGHUP so that a run outlives the terminal; a shell
+    starts background jobs with SIGINT ignored). Nothing is changed outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in signals:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back the handlers :func:`install_stop_handler` returned (one installed from C, which
+    Python reports as None and cannot reinstall, becomes the default action)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def stop_signals_interrupt() -> dict:
     """Make SIGTERM and SIGHUP (``kill``, ``timeout``, a scheduler, a closed terminal) raise
     ``KeyboardInterrupt``, as Ctrl-C does, so that what is running is recorded as interrupted
     rather than killed with nothing written. (During ``fit`` a run's checkpointing callback
     replaces this with its own handler, which saves a checkpoint at the next step.) Returns the
-    previous handlers; nothing is changed outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
+    previous handlers, for :func:`restore_handlers`."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS if signum != signal.SIGINT}
+    return install_stop_handler(interrupt, [s for s in STOP_SIGNALS if s != signal.SIGINT])
 
 
 def _reason(err: BaseException) -> str:

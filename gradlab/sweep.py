@@ -54,10 +54,10 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from gradlab.config import Experiment, apply_overrides, from_dict, load_raw, load_yaml, validate_plugins
+from gradlab.config import Experiment, apply_overrides, dump_yaml, from_dict, load_raw, load_yaml, validate_plugins
 from gradlab.errors import ConfigError, GradlabError, RunInterrupted, UsageError
 from gradlab.experiment import health_checked, new_directory
-from gradlab.resume import resume_command, stop_signals_interrupt
+from gradlab.resume import restore_handlers, resume_command, stop_signals_interrupt
 
 SUMMARY_FILE = "sweep.json"
 KEY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
@@ -197,7 +197,7 @@ def describe_value(value: Any) -> str:
     """A value in YAML flow style on one line (``mse``, ``[16, 16]``, ``{kind: mlp, hidden: [16]}``)."""
     if isinstance(value, str):
         return value
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    text = dump_yaml(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
     return text.removesuffix("...").strip()
 
 
@@ -494,7 +494,7 @@ def _finish(record: RunRecord, rc: int, sweep_dir: Path, started: float, ended: 
         record.status = "failed"
         record.error = f"stopped after the --timeout of {timed_out:g} seconds"
         if (run_dir / CONFIG_FILE).is_file() and status == "interrupted":
-            record.error += f" (its last checkpoint resumes it: {resume_command(run_dir)})"
+            record.error += f" (resume it with: {resume_command(run_dir)})"
     else:
         record.status = "interrupted" if rc in (130, -2) or (interrupted and rc < 0) else "failed"
         record.error = (_last_line(sweep_dir / "logs" / f"{record.name}.err") or metrics.get("error")
@@ -588,7 +588,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
     metrics = [(tag, desc) for tag, key, desc in FINAL_METRICS if has_val or key not in ("val_loss", "val_accuracy")]
     tb.write_hparams_config(root, hp_values, metrics)
     for c in p.combinations:
-        (root / "configs" / f"{c.name}.yaml").write_text(yaml.safe_dump(c.raw, sort_keys=False), encoding="utf-8")
+        (root / "configs" / f"{c.name}.yaml").write_text(dump_yaml(c.raw, sort_keys=False), encoding="utf-8")
     write_json(root / SUMMARY_FILE, _summary(p, root, records, "running"))
     if not quiet:
         print(f"sweep: {len(records)} runs of {p.source} in {root} ({jobs} at a time)", flush=True)
@@ -617,7 +617,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
                 rc = proc.poll()
                 timed_out = None
                 if rc is None and timeout is not None and time.time() - started > timeout:
-                    _stop(proc)  # (SIGTERM: the run saves a checkpoint and stops, as on Ctrl-C)
+                    _stop(proc, grace=INTERRUPT_GRACE)  # (the time an interrupted run gets to save its checkpoint)
                     rc, timed_out = proc.returncode, timeout
                     with open(root / "logs" / f"{record.name}.err", "a") as f:
                         f.write(f"\ngradlab sweep: killed after the --timeout of {timeout:g} seconds\n")
@@ -649,8 +649,7 @@ def run_sweep(p: SweepPlan, *, sweep_dir: str | os.PathLike | None = None, jobs:
             print(f"\nsweep directory: {root}")
         raise RunInterrupted(_interrupted_line(root, records)) from None
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(previous)
     write_json(root / SUMMARY_FILE, _summary(p, root, records, "finished"))
     result = SweepResult(sweep_dir=root, runs=records)
     if not quiet:
@@ -701,13 +700,14 @@ def _interrupt(procs: list, quiet: bool) -> None:
         _stop(proc)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate a child we started; kill it if it does not exit within 10 seconds."""
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Terminate a child we started (SIGTERM: a run saves a checkpoint and stops); kill it if it
+    does not exit within ``grace`` seconds."""
     if proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

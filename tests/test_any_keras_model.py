@@ -201,6 +201,8 @@ def test_constructor_arguments_take_numpy_numbers_and_name_a_bad_log_dir(tmp_pat
         GradientStats(every=np.int64(0))
     with pytest.raises(ValueError, match=r"^`dead_fraction` \(np.float64\(1.0\)\) must be a number in \(0, 1\)$"):
         Health(dead_fraction=np.float64(1.0))
+    with pytest.raises(ValueError, match=r"^`converged_loss` \(1000000000.*\) must be a positive number$"):
+        Health(converged_loss=10**400)  # an int beyond float's range: not an OverflowError
     with pytest.raises(ValueError, match=r"^`probe_every` \(2.5\) must be a non-negative integer$"):
         NonFiniteGuard(probe_every=2.5)
 

@@ -109,6 +109,21 @@ def test_exponent_numbers_without_a_dot_are_numbers_everywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_string_that_looks_like_a_number_survives_the_saved_config(tmp_path):
+    """A run's config.yaml must read back as it was (--resume reads it): a quoted '1e3' stays a
+    string through gradlab's dumper and loader, and numbers stay numbers."""
+    from gradlab.config import dump_yaml
+
+    src = tmp_path / "x.yaml"
+    src.write_text("name: '1e3'\ntrain: {learning_rate: 2.5e-3}\n")
+    exp = load_config(src)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(exp.to_dict(), sort_keys=False))
+    again = load_config(saved)
+    assert again.name == "1e3" and again.train.learning_rate == 0.0025
+    assert again.to_dict() == exp.to_dict()
+
+
 def test_every_problem_is_reported_at_once_also_those_the_plugins_judge(tmp_path):
     """A schema problem no longer hides the diagnostics' and callbacks' problems, and a diagnostic
     with several bad options names each of them (its constructor stops at the first)."""

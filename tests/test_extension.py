@@ -199,7 +199,7 @@ def test_user_code_raising_during_training_is_one_line_naming_its_entry(tmp_path
     cases = [({"callbacks": [{"class": f"{name}:RaisesTrain"}]},
               f"callbacks.0 ({name}:RaisesTrain) raised ValueError in on_train_batch_end: boom in batch"),
              ({"diagnostics": [{"type": "nonfinite"}, {"type": f"{name}:RaisesProbe", "every": 2}]},
-              f"diagnostics.1 ({name}:RaisesProbe) raised KeyError in on_train_begin: 'no such thing'")]
+              f"diagnostics.1 ({name}:RaisesProbe) raised KeyError in write_probe: 'no such thing'")]
     for i, (extra, expected) in enumerate(cases):
         cfg = tmp_path / f"c{i}.json"
         cfg.write_text(json.dumps({**base, **extra}))  # JSON is YAML
@@ -209,3 +209,33 @@ def test_user_code_raising_during_training_is_one_line_naming_its_entry(tmp_path
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert lines == [expected], lines
         assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_only_the_users_own_code_is_blamed_on_the_user():
+    """An error from gradlab's base class running for a user's subclass stays gradlab's; one from
+    the user's own method names it (the innermost such frame)."""
+    import types
+
+    from gradlab.callbacks import Diagnostic
+    from gradlab.config import DiagnosticSpec
+    from gradlab.errors import UserCodeError
+    from gradlab.plugins import raise_if_user_code
+
+    class Mine(Diagnostic):
+        def helper(self):
+            raise RuntimeError("mine")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.helper()
+
+    diag = Mine()
+    exp = types.SimpleNamespace(diagnostics=(DiagnosticSpec(type="pkg:Mine", options={}),), callbacks=())
+    try:
+        diag.probe_batch()  # gradlab's code (no probe data): its ValueError is not the user's
+    except ValueError as err:
+        raise_if_user_code(err, exp, [diag], [])  # does not raise
+    with pytest.raises(UserCodeError, match=r"^diagnostics.0 \(pkg:Mine\) raised RuntimeError in helper: mine$"):
+        try:
+            diag.on_epoch_end(0)
+        except RuntimeError as err:
+            raise_if_user_code(err, exp, [diag], [])

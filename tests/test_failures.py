@@ -105,7 +105,36 @@ def test_disk_full_at_the_first_checkpoint_leaves_a_run_that_resumes_from_step_0
     assert result.metrics["weights_sha256"] == ref.metrics["weights_sha256"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_save_that_fails_after_writing_its_checkpoint_keeps_it(tmp_path, monkeypatch):
+    """A failure in the checkpoint manager's bookkeeping after the checkpoint itself was written
+    (updating its index file, deleting the oldest one): that checkpoint is whole, is not
+    discarded as torn, and the resume continues from it."""
+    ref = gradlab.run(CFG, run_dir=tmp_path / "ref", quiet=True, verbose=0)
+    real_save = resume_mod.Checkpointer.save
+    calls = {"n": 0}
+
+    def written_then_failed(self, step, per_epoch):
+        path = real_save(self, step, per_epoch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return path
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(resume_mod.Checkpointer, "save", written_then_failed)
+        with pytest.raises(StorageError, match=r"step 10 \(No space left on device\)"):
+            gradlab.run(CFG, run_dir=run, quiet=True, verbose=0)
+    assert (run / "checkpoints" / "ckpt-10.index").is_file()
+    result = gradlab.run(resume=run, quiet=True, verbose=0)
+    assert result.metrics["resumed_from_step"] == 10
+    assert result.metrics["weights_sha256"] == ref.metrics["weights_sha256"]
+
+
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS)
 def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, signum):
     """Ctrl-C, and what `kill`, `timeout`, docker, Slurm or a closed terminal send."""
     cfg = dict(CFG, train=dict(CFG["train"], epochs=200, checkpoint_every=1000))
@@ -195,14 +224,39 @@ def test_a_sweep_run_past_its_timeout_is_failed_and_resumable(tmp_path):
     path.write_text(json.dumps(cfg))
     root = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "gradlab.cli", "sweep", str(path), "--sweep-dir", str(root),
-                           "--timeout", "12"], capture_output=True, text=True, timeout=300,
+                           "--timeout", "25"], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     (record,) = json.loads((root / "sweep.json").read_text())["runs"]
     run = root / record["name"]
-    assert record["status"] == "failed" and record["error"].startswith("stopped after the --timeout of 12 seconds")
+    assert record["status"] == "failed" and record["error"].startswith("stopped after the --timeout of 25 seconds")
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "interrupted", state  # it was given the time to save its checkpoint
     assert (run / "checkpoints" / f"ckpt-{state['step']}.index").exists()
-    assert f"gradlab run --resume {run}" in record["error"]
+    assert record["error"].endswith(f"(resume it with: gradlab run --resume {run})")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_a_run_started_under_nohup_keeps_ignoring_sighup(tmp_path):
+    """nohup (or a caller) ignores SIGHUP so that the run outlives its terminal: gradlab leaves
+    that choice alone, and Ctrl-C still works."""
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=200, checkpoint_every=1000))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gradlab.cli", "run", str(path), "--run-dir", str(run), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    t0 = time.time()
+    while not list((run / "train").glob("events.out.tfevents.*")) if run.exists() else True:
+        assert time.time() - t0 < 120 and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(2.0)
+    assert proc.poll() is None, "SIGHUP stopped a run that was started ignoring it"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]

@@ -75,15 +75,37 @@ def test_exploding_nonfinite_values_and_events():
 def test_exploding_updates_far_larger_than_the_weights():
     """A huge learning rate with cross-entropy: the gradient norms stay ordinary (bounded by the
     inputs) while each update dwarfs the weights. Offsets (bias) are not judged: they start at 0."""
-    series = {"gradients/h/layer_norm": [(0, 1.0), (10, 1.1), (20, 0.9)],
-              "gradients/h/kernel/update_ratio": [(0, 0.01), (10, 250.0), (20, 0.5)],
-              "gradients/h/bias/update_ratio": [(0, 1.0), (10, 1e6), (20, 1e6)],
-              "gradients/out/kernel/update_ratio": [(0, math.inf), (10, math.nan)]}
+    series = {"gradients/h/layer_norm": [(0, 1.0), (10, 1.1), (20, 0.9), (30, 1.0)],
+              "gradients/h/kernel/update_ratio": [(0, 0.01), (10, 250.0), (20, 400.0), (30, 0.5)],
+              "gradients/h/bias/update_ratio": [(0, 1.0), (10, 1e6), (20, 1e6), (30, 1e6)],
+              "gradients/out/kernel/update_ratio": [(0, math.inf), (10, math.nan)],
+              # tiny initial weights: only the first update is large -- not a divergence
+              "gradients/tiny/kernel/update_ratio": [(0, 900.0), (10, 0.1), (20, 0.05)]}
     v = _only(judge(series), "exploding")
-    assert [(x["layer"], x["first_step"], x["last_step"]) for x in v] == [("out", 0, 10), ("h", 10, 10)]
+    assert [(x["layer"], x["first_step"], x["last_step"]) for x in v] == [("out", 0, 10), ("h", 10, 20)]
     assert v[0]["message"] == "out: updates too large for float32 (kernel: update_ratio nan) from step 0"
-    assert v[1]["message"] == "h: updates 250x the size of the weights (kernel) at step 10"
+    assert v[1]["message"] == "h: updates 400x the size of the weights (kernel) from step 10 (until step 20)"
     assert [x["layer"] for x in _only(judge(series, exploding_update_ratio=300.0), "exploding")] == ["out"]
+
+
+def test_rules_feeding_one_verdict_out_of_step_order_keep_first_before_last():
+    # the jump rule holds at 60-90, the update rule at 10-20: one exploding verdict from 10 to 90
+    norms = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0, 50.0, 60.0, 70.0]
+    series = {"gradients/h/layer_norm": [(10 * i, x) for i, x in enumerate(norms)],
+              "gradients/h/kernel/update_ratio": [(10, 50.0), (20, 60.0), (30, 0.1)]}
+    (v,) = _only(judge(series), "exploding")
+    assert (v["first_step"], v["last_step"]) == (10, 90), v
+    assert v["message"].startswith("h: gradient norm jumped to 70"), v["message"]
+
+
+def test_tiny_initial_weights_trained_by_adam_are_not_exploding(tmp_path):
+    # Adam's first update is ~lr per weight: 1e-3 against weights of ~1e-5 is a ratio of ~100
+    result = gradlab.run(ROOT / "configs" / "default.yaml",
+                         ["model.kernel_initializer={name: random_normal, stddev: 1.0e-5}", "train.optimizer=adam",
+                          "train.learning_rate=1e-3", "train.epochs=3"], run_dir=tmp_path / "run", quiet=True)
+    ratios = read_scalars(result.run_dir)["gradients/logits/kernel/update_ratio"]
+    assert ratios[0][1] > 10, ratios  # the case this test is about
+    assert not [v for v in result.metrics["verdicts"] if v["verdict"] == "exploding"], result.metrics["verdicts"]
 
 
 def test_a_diverging_run_with_bounded_gradients_gets_an_exploding_verdict(tmp_path):
