@@ -579,9 +579,12 @@ def _check_cross(chk: _Checker, exp: dict) -> None:
         problem = schedule_problem(train.log_every, train.steps_per_execution)
         if problem:
             chk.add(log_every, problem)
-    if train.jit_compile and train.distribute == "mirrored" and train.cpu_devices > 1:
-        chk.add(("train", "jit_compile"), "XLA cannot compile a step mirrored over logical CPU devices (each "
-                                          "replica's variables live on its own device); set jit_compile: false")
+    if train.jit_compile and train.distribute != "none":
+        # Keras compiles the whole strategy.run with XLA, and the step gathers the replicas'
+        # logits and labels into a tensor whose size comes from an all-reduce (not a constant).
+        chk.add(("train", "jit_compile"), f"XLA cannot compile gradlab's step under train.distribute: "
+                                          f"{train.distribute} (the replicas' gathers have no static shape); "
+                                          "set jit_compile: false or distribute: none")
     if data.name == "synthetic" and data.samples * data.features > SYNTHETIC_MAX_VALUES:
         size = data.samples * data.features * 4 / 2**30
         chk.add(("data", "samples"), f"synthetic data is generated in memory: samples x features = "

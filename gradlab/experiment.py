@@ -172,11 +172,12 @@ def configure_device(train) -> str:
     gpus = tf.config.list_physical_devices("GPU")
     if train.device == "gpu" and not gpus:
         raise DeviceError("train.device: 'gpu' was requested but TensorFlow sees no GPU "
-                          "(install gradlab[gpu] on a machine with CUDA, or use device: auto | cpu)")
+                          "(install gradlab[gpu] on a machine with CUDA and check that CUDA_VISIBLE_DEVICES is not empty, "
+                          "or use device: auto | cpu)")
     resolved = "gpu" if gpus and train.device in ("auto", "gpu") else "cpu"
     try:
-        if resolved == "cpu" and gpus:
-            tf.config.set_visible_devices([], "GPU")
+        if gpus:  # (all of them for a GPU run: the default, set so that a started TensorFlow is noticed)
+            tf.config.set_visible_devices([] if resolved == "cpu" else gpus, "GPU")
         if train.cpu_devices > 1:
             cpu = tf.config.list_physical_devices("CPU")[0]
             tf.config.set_logical_device_configuration(
@@ -186,6 +187,12 @@ def configure_device(train) -> str:
         if train.cpu_devices > 1 and len(tf.config.list_logical_devices("CPU")) != train.cpu_devices:
             raise DeviceError(f"train.cpu_devices: {train.cpu_devices} logical CPUs cannot be set up after "
                               "TensorFlow has started in this process; run in a new process") from None
+        # The visible GPUs can no longer change either: a run must not report a device it is not on.
+        visible = bool(tf.config.list_logical_devices("GPU"))
+        if visible != (resolved == "gpu"):
+            raise DeviceError(f"train.device: {train.device!r} means {resolved} here, but TensorFlow has already "
+                              f"started in this process with {'a GPU' if visible else 'no GPU'} visible; run in a "
+                              "new process") from None
     for gpu in gpus if resolved == "gpu" else []:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)

@@ -39,8 +39,10 @@ def histogram_buckets(values, bucket_count: int = HISTOGRAM_BUCKETS):
     entries (NaN, +-Inf) are left out rather than spoiling every bucket.
 
     The plugin builds a ``[n, bucket_count]`` one-hot matrix (a 400k-entry gradient: 96 MB per
-    histogram). Here the counts come from ``tf.histogram_fixed_width``, whose CPU/GPU kernel
-    computes the same index in float64 (:func:`_fixed_width_counts`); under XLA, which has no
+    histogram). Here the counts come from ``tf.histogram_fixed_width``, whose CPU kernel
+    computes the same index in float64 (:func:`_fixed_width_counts`; the GPU kernel bins against
+    the levels ``min + i * width`` instead, so there a value exactly on a bucket edge may land
+    in the neighbouring bucket: not run on a GPU); under XLA, which has no
     kernel for it, from ``unsorted_segment_sum`` (:func:`_segment_counts`, about 2.5x slower on
     a CPU). The choice is made when the function is traced, so it can run inside a compiled
     step either way. Both give identical buckets (tested against the plugin).

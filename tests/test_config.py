@@ -124,6 +124,15 @@ def test_a_string_that_looks_like_a_number_survives_the_saved_config(tmp_path):
     assert again.to_dict() == exp.to_dict()
 
 
+@pytest.mark.parametrize("distribute", ["mirrored", "multi_worker"])
+def test_xla_with_a_distribution_strategy_is_refused(distribute):
+    # Keras compiles the whole strategy.run; the replicas' gathers have no static shape
+    with pytest.raises(ConfigError, match=rf"train.jit_compile: XLA cannot compile gradlab's step under "
+                                          rf"train.distribute: {distribute}"):
+        load_config("configs/default.yaml", ["train.jit_compile=true", f"train.distribute={distribute}"])
+    assert load_config("configs/default.yaml", ["train.jit_compile=true"]).train.jit_compile
+
+
 def test_every_problem_is_reported_at_once_also_those_the_plugins_judge(tmp_path):
     """A schema problem no longer hides the diagnostics' and callbacks' problems, and a diagnostic
     with several bad options names each of them (its constructor stops at the first)."""

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import gradlab
-from conftest import gradlab_cli, read_metrics, tiny_config
+from conftest import ROOT, gradlab_cli, read_metrics, tiny_config
 from gradlab.events import read_scalars
 
 
@@ -197,3 +197,39 @@ def test_metrics_of_a_diverged_run_are_strict_json(tmp_path):
         data = json.loads((result.run_dir / name).read_text(), parse_constant=no_constants)
         assert data["status"] == "completed"
     assert json.loads((result.run_dir / "metrics.json").read_text())["loss"] is None
+
+
+@pytest.mark.parametrize("device,logical_gpus,message", [
+    ("cpu", ["GPU:0"], "train.device: 'cpu' means cpu here, but TensorFlow has already started in this process with "
+                       "a GPU visible; run in a new process"),
+    ("gpu", [], "train.device: 'gpu' means gpu here, but TensorFlow has already started in this process with no "
+                "GPU visible; run in a new process"),
+    ("auto", [], "train.device: 'auto' means gpu here"),
+])
+def test_a_device_tensorflow_can_no_longer_switch_to_is_refused_not_misreported(monkeypatch, device, logical_gpus,
+                                                                               message):
+    """A second run in one process (a notebook) cannot change the visible GPUs: it must not train
+    on a GPU while reporting the CPU, or the reverse. (Simulated: this machine has no GPU.)"""
+    import tensorflow as tf
+
+    from gradlab.errors import DeviceError
+    from gradlab.experiment import configure_device
+
+    def started(devices, kind=None):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    real_logical = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else real_logical(kind))
+    monkeypatch.setattr(tf.config, "set_visible_devices", started)
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: logical_gpus if kind == "GPU" else real_logical(kind))
+    train = gradlab.load_config(ROOT / "configs" / "default.yaml", [f"train.device={device}"]).train
+    with pytest.raises(DeviceError) as err:
+        configure_device(train)
+    assert str(err.value).startswith(message)
+    # the same device as the started process: fine
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: (["GPU:0"] if device != "cpu" else []) if kind == "GPU" else real_logical(kind))
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda gpu, on: None)
+    assert configure_device(train) == ("cpu" if device == "cpu" else "gpu")
