@@ -19,7 +19,7 @@ from gradlab.events import read_scalars
      "use 4 or 8"),
     (["train.steps_per_execution=8", "diagnostics=[{type: curvature, every: 5}]"], "diagnostics.0.every", "use 8"),
     (["train.jit_compile=true", "train.distribute=mirrored", "train.cpu_devices=2"], "train.jit_compile",
-     "logical CPU devices"),
+     "XLA cannot compile gradlab's step under train.distribute: mirrored"),
     (["model.kernel_initializer={name: constant, value: 1.0e+39}"], "model.kernel_initializer.value",
      "beyond float32's range"),
 ])

@@ -145,7 +145,7 @@ def test_judging_cost_stays_linear_in_long_runs():
 
     health = Health(every=50)
     health.set_model(Model())
-    health._last_step, health._epoch_start_step = 0, 0
+    health._last_step, health._epoch_start_step, health._began = 0, 0, True  # (what on_train_begin sets)
     judged = []
     health._write = lambda step, final=False: judged.append(step + 1)
     for batch in range(20_000):

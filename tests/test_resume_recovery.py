@@ -22,7 +22,7 @@ import pytest
 import gradlab
 from gradlab import cli
 from gradlab import experiment as experiment_mod
-from gradlab.errors import NonFiniteError, RunDirError, RunInterrupted
+from gradlab.errors import NonFiniteError, RunDirError, RunInterrupted, UserCodeError
 
 CALLBACKS = '''
 import os, signal, keras
@@ -136,7 +136,9 @@ def test_a_resume_from_step_0_keeps_the_layout_and_the_hparams_session(env):
     root, ref = env
     run = root / "step0"
     cfg = _config(**{"class": "edge_callbacks:FailAt", "args": {"step": 3, "marker": str(root / "step0.m")}})
-    with pytest.raises(RuntimeError, match="crash for the test"):
+    # (the user's callback raised: reported as theirs, naming the config entry)
+    with pytest.raises(UserCodeError, match=r"callbacks.0 \(edge_callbacks:FailAt\) raised RuntimeError in "
+                                            r"on_train_batch_end: crash for the test"):
         gradlab.run(cfg, run_dir=run, quiet=True, verbose=0)
     assert not list((run / "checkpoints").glob("ckpt-*.index"))  # so the resume starts at step 0
     # what gradlab sweep writes into an interrupted run's directory
