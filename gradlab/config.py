@@ -779,7 +779,9 @@ def load_raw(config: str | Path | Mapping[str, Any]) -> tuple[Any, str, dict]:
     except FileNotFoundError:
         raise ConfigError([(str(path), None, "", "config file not found")]) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise ConfigError([(str(path), None, "", f"cannot read config ({type(err).__name__})")]) from None
+        why = {IsADirectoryError: "it is a directory, not a YAML file", PermissionError: "permission denied",
+               UnicodeDecodeError: f"not UTF-8 text: byte {getattr(err, 'start', 0)} is not valid UTF-8"}[type(err)]
+        raise ConfigError([(str(path), None, "", f"cannot read config ({why})")]) from None
     data, lines = parse_yaml(text, str(path))
     return data, str(path), lines
 

@@ -150,6 +150,16 @@ def test_every_problem_is_reported_at_once_also_those_the_plugins_judge(tmp_path
     assert [p[1] for p in err.value.problems] == [1, 3, 3, 5]
 
 
+def test_a_config_that_is_no_text_file_says_what_it_is(tmp_path):
+    binary = tmp_path / "model.h5"
+    binary.write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe")
+    for path, why in ((tmp_path, "it is a directory, not a YAML file"),
+                      (binary, "not UTF-8 text: byte 0 is not valid UTF-8")):
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert str(err.value) == f"{path}: cannot read config ({why})"
+
+
 def test_unsafe_yaml_tags_are_rejected(tmp_path):
     cfg = tmp_path / "evil.yaml"
     cfg.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
