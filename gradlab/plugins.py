@@ -238,8 +238,10 @@ def raise_if_user_code(err: BaseException, exp: Experiment, diagnostics: list, c
     of the user's callback or diagnostic *defined outside gradlab* (the innermost such frame is
     named). An error in gradlab's own code (e.g. the Diagnostic base class running for a user's
     subclass) stays gradlab's."""
-    from gradlab.errors import UserCodeError
+    from gradlab.errors import GradlabError, UserCodeError
 
+    if isinstance(err, GradlabError):  # already one line of its own (a full disk, a NaN stop, ...)
+        return
     owners = user_code_owners(exp, diagnostics, callbacks)
     found = None
     tb = err.__traceback__
