@@ -461,6 +461,12 @@ class _TapState:
         self._read_fns: dict = {}
 
     @property
+    def step_writes_now(self) -> bool:
+        """Whether the step writes the tap's :class:`StepWrite` scalars itself: it was traced to,
+        and the tap is armed."""
+        return self.writes_in_step and self.armed
+
+    @property
     def width(self) -> int:
         return len(self.window_names) + 1
 
@@ -699,9 +705,9 @@ class GradlabModel(keras.Model):
         due_step = int(due_step.numpy())
         if due_step <= state.consumed:
             due_step = -1
-        values = self._tap_values(state, columns.numpy(), due_step, due_scalars, due_values)
         # the due outputs (not this live window) were written by the step that made them
-        values["due_written_in_step"] = due_step >= 0 and state.writes_in_step and state.armed
+        values = self._tap_values(state, columns.numpy(), due_step, due_scalars, due_values,
+                                  due_written=due_step >= 0 and state.step_writes_now)
         if reset:
             state.reset_at = self._gradlab_window_holder.executions
             state.consumed = -1  # the step reset its due outputs too
@@ -729,9 +735,8 @@ class GradlabModel(keras.Model):
             return {"count": 0, "window": {}, "due_step": -1, "due": {},
                     "due_written_in_step": False, "window_written_in_step": False}
         state.consumed = due_step
-        values = self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values)
-        values["due_written_in_step"] = values["window_written_in_step"] = state.writes_in_step and state.armed
-        return values
+        return self._tap_values(state, captured.numpy(), due_step, due_scalars, due_values,
+                                due_written=state.step_writes_now, window_written=state.step_writes_now)
 
     def _returned(self, name: str, state: _TapState):
         """What the last execution returned under ``name`` (``_SIGNALS`` or ``_DUE``), or None when
@@ -742,7 +747,8 @@ class GradlabModel(keras.Model):
         return returned[0].get(name)
 
     @staticmethod
-    def _tap_values(state: _TapState, columns, due_step: int, due_scalars, due_values) -> dict:
+    def _tap_values(state: _TapState, columns, due_step: int, due_scalars, due_values, *,
+                    due_written: bool = False, window_written: bool = False) -> dict:
         last, total, vmax, vmin = columns
         count = int(total[-1])
         window = {}
@@ -755,7 +761,7 @@ class GradlabModel(keras.Model):
             due = dict(zip(state.due_scalar_names, due_scalars.numpy()))
             due.update((name, value.numpy()) for name, value in due_values.items())
         return {"count": count, "window": window, "due_step": due_step, "due": due,
-                "due_written_in_step": False, "window_written_in_step": False}
+                "due_written_in_step": due_written, "window_written_in_step": window_written}
 
     def peek_tap(self, key: str, name: str, stat: str = "max") -> float:
         """One window statistic (``last``, ``max`` or ``min``) of ``every_step`` output ``name``, without reset.
